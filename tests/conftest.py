@@ -1,0 +1,44 @@
+"""Shared fixtures. Tests never touch the network or the user's cache.
+
+The environment is set at import time so subprocesses (CLI kill/resume tests) inherit it:
+the hub is offline, and converted models go to a cache directory private to this test session.
+"""
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ.setdefault("WORKBENCH_CACHE", tempfile.mkdtemp(prefix="workbench-test-cache-"))
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """The 2-layer random Llama (d_model 64) with SmolLM2's tokenizer."""
+    from workbench.models import load_model
+
+    return load_model("tiny-llama", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real default model; only for tests marked slow."""
+    from workbench.models import load_model
+
+    return load_model("smollm2-135m", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def stdlib_corpus():
+    from data import load_corpus
+
+    return load_corpus("stdlib")
+
+
+@pytest.fixture
+def workspace_path(tmp_path: Path) -> Path:
+    return tmp_path / "ws.duckdb"

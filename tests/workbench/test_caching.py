@@ -1,0 +1,163 @@
+"""Caching, resuming and reading activations back, on the tiny model."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+import torch
+
+from data import chunk_and_tokenize
+from workbench.activations import context_ids, export_parquet, iter_activations, read_contexts
+from workbench.caching import ActivationCacher, CacheRequest
+from workbench.workspace import Workspace
+
+HOOKS = ("blocks.0.hook_resid_post", "blocks.1.mlp.hook_post")
+
+
+def cache(path, tiny, corpus, tokens=2048, ctx=32, batch=4, hooks=HOOKS, seed=0):
+    request = CacheRequest(model="tiny-llama", hooks=hooks, corpus="stdlib", tokens=tokens, ctx_len=ctx, batch_size=batch, seed=seed)
+    with Workspace(path) as ws:
+        return ActivationCacher(ws, tiny, corpus, request).run(progress=False)
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory, tiny, stdlib_corpus):
+    path = tmp_path_factory.mktemp("cache") / "ws.duckdb"
+    summary = cache(path, tiny, stdlib_corpus)
+    return path, summary
+
+
+def test_cached_activations_equal_a_direct_forward(cached, tiny, stdlib_corpus):
+    path, summary = cached
+    assert summary.n_contexts == 64 and summary.n_tokens == 2048
+    contexts = list(chunk_and_tokenize(stdlib_corpus.documents, tiny.tokenizer, 32, seed=0, max_contexts=64))
+    tokens = torch.tensor([c.token_ids for c in contexts[:8]])
+    _, direct = tiny.model.run_with_cache(tokens, names_filter=list(HOOKS))
+    with Workspace(path, read_only=True) as ws:
+        for hook in HOOKS:
+            ids = context_ids(ws, hook)[:8]
+            stored = read_contexts(ws, hook, ids)
+            assert stored.shape == direct[hook].shape
+            torch.testing.assert_close(stored, direct[hook].float(), rtol=1e-3, atol=1e-3)  # float16 storage
+        stored_tokens = ws.query("SELECT token_id FROM tokens WHERE context_id = ? ORDER BY position", [ids[3]])
+        assert [t for (t,) in stored_tokens] == contexts[3].token_ids
+
+
+def test_workspace_records_bytes_documents_and_vocab(cached, tiny):
+    path, summary = cached
+    assert summary.bytes_per_token == 2 * (64 + 192) / 2  # 2 bytes per dimension, averaged over the two hooks
+    with Workspace(path, read_only=True) as ws:
+        (n_vocab,) = ws.query("SELECT count(*) FROM vocab")[0]
+        assert n_vocab == len(tiny.tokenizer)
+        missing = ws.query(
+            """SELECT count(*) FROM tokens t WHERE t.doc_id >= 0
+               AND NOT EXISTS (SELECT 1 FROM documents d WHERE d.doc_id = t.doc_id)"""
+        )[0][0]
+        assert missing == 0
+        assert ws.query("SELECT status FROM runs")[0][0] == "done"
+
+
+def test_rerun_is_a_no_op_and_a_larger_request_extends(tmp_path, tiny, stdlib_corpus):
+    path = tmp_path / "ws.duckdb"
+    cache(path, tiny, stdlib_corpus, tokens=256)
+    again = cache(path, tiny, stdlib_corpus, tokens=256)
+    assert again.resumed_from == 8 and again.n_contexts == 8
+    bigger = cache(path, tiny, stdlib_corpus, tokens=512)
+    assert bigger.resumed_from == 8 and bigger.n_contexts == 16
+    with Workspace(path, read_only=True) as ws:
+        assert ws.query("SELECT count(*) FROM runs")[0][0] == 1
+        assert ws.query("SELECT count(*) FROM activations")[0][0] == 16 * len(HOOKS)
+
+
+def test_iter_activations_yields_every_training_token_once_per_epoch(cached):
+    path, _ = cached
+    hook = HOOKS[0]
+    with Workspace(path, read_only=True) as ws:
+        ids = context_ids(ws, hook, split="train")
+        reference = read_contexts(ws, hook, ids)[:, 1:].reshape(-1, 64)  # BOS skipped
+        batches = list(iter_activations(ws, hook, batch_size=31, seed=3, epochs=2, buffer_tokens=200))
+        again = list(iter_activations(ws, hook, batch_size=31, seed=3, epochs=2, buffer_tokens=200))
+        other = list(iter_activations(ws, hook, batch_size=31, seed=4, epochs=1, buffer_tokens=200))
+    assert all(b.shape == (31, 64) and b.dtype == torch.float32 for b in batches)
+    assert len(batches) == (2 * reference.shape[0]) // 31
+    def rows(tensors):
+        return Counter(map(tuple, torch.cat(tensors).tolist()))
+    first_epoch = rows(batches)  # both epochs, minus a remainder < 31 rows
+    expected = rows([reference, reference])
+    assert sum((expected - first_epoch).values()) < 31 and not (first_epoch - expected)
+    assert all(torch.equal(a, b) for a, b in zip(batches, again))
+    assert not torch.equal(batches[0], other[0])
+
+
+def test_splits_are_disjoint_and_cover_every_context(cached):
+    path, _ = cached
+    with Workspace(path, read_only=True) as ws:
+        train, test, everything = (set(context_ids(ws, HOOKS[0], split=s)) for s in ("train", "test", "all"))
+    assert train.isdisjoint(test) and train | test == everything and len(test) == 64 // 20
+
+
+def test_export_parquet_round_trips(cached, tmp_path):
+    import duckdb
+
+    path, _ = cached
+    with Workspace(path, read_only=True) as ws:
+        out = export_parquet(ws, tmp_path / "export")
+        ids = context_ids(ws, HOOKS[1])[:2]
+        expected = read_contexts(ws, HOOKS[1], ids)
+    rows = duckdb.sql(
+        f"""SELECT context_id, position, activation FROM read_parquet('{out}/activations/**/*.parquet', hive_partitioning = true)
+            WHERE hook = '{HOOKS[1]}' AND context_id IN ({ids[0]}, {ids[1]}) ORDER BY context_id, position"""
+    ).fetchall()
+    exported = torch.tensor([r[2] for r in rows]).view(2, 32, 192)
+    torch.testing.assert_close(exported, expected)
+    assert duckdb.sql(f"SELECT count(*) FROM '{out}/tokens.parquet'").fetchall()[0][0] == 64 * 32
+
+
+def _cli(*args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "workbench.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _table_dump(path):
+    with Workspace(path, read_only=True) as ws:
+        return {
+            "contexts": ws.query("SELECT * FROM contexts ORDER BY context_id"),
+            "tokens": ws.query("SELECT * FROM tokens ORDER BY context_id, position"),
+            "activations": ws.query("SELECT run_id, hook, context_id, md5(data) FROM activations ORDER BY hook, context_id"),
+            "documents": ws.query("SELECT * FROM documents ORDER BY corpus_id, doc_id"),
+        }
+
+
+def test_sigkill_then_rerun_gives_the_uninterrupted_result(tmp_path):
+    args = ["cache", "--model", "tiny-llama", "--hook", HOOKS[0], "--hook", HOOKS[1], "--corpus", "stdlib",
+            "--tokens", "24576", "--ctx", "64", "--batch", "2"]
+    killed, clean = tmp_path / "killed.duckdb", tmp_path / "clean.duckdb"
+    proc = _cli(*args, "--db", str(killed))
+    # Wait until the progress bar shows committed batches, then kill without warning.
+    seen = ""
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        chunk = os.read(proc.stderr.fileno(), 4096).decode(errors="replace")
+        if not chunk:
+            break
+        seen += chunk
+        if any(f"/24.6k" in part and not part.strip().startswith("0") for part in seen.split("\r")[-2:]) and seen.count("\r") > 4:
+            break
+    assert proc.poll() is None, f"the job ended before it could be killed: {seen[-500:]}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with Workspace(killed, read_only=True) as ws:
+        (partial,) = ws.query("SELECT count(*) FROM contexts")[0]
+        assert ws.query("SELECT status FROM runs")[0][0] == "running"
+    assert 0 < partial < 384 and partial % 2 == 0  # only whole batches survived
+    resumed = _cli(*args, "--db", str(killed))
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert f"resumed after {partial} contexts" in out
+    uninterrupted = _cli(*args, "--db", str(clean))
+    _, err = uninterrupted.communicate(timeout=300)
+    assert uninterrupted.returncode == 0, err
+    assert _table_dump(killed) == _table_dump(clean)

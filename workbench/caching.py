@@ -1,0 +1,315 @@
+"""Cache activations at chosen hooks into the workspace, resumably.
+
+One forward pass serves every requested hook and stops after the deepest requested block.
+Each batch of contexts is written in one transaction (contexts, tokens, documents used and the
+activations of every hook), so a run killed at any point keeps only whole batches; running the
+same command again finds the run by its configuration and continues after the last committed
+context. Context ids are ``run_id << 32 | index in the seeded stream``, so a resumed run writes
+exactly the rows an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+from tqdm.auto import tqdm
+
+from data import Corpus, chunk_and_tokenize, token_strings
+from workbench.errors import WorkbenchError
+from workbench.hooks import attached, stop_layer, validate_hooks
+from workbench.models import LoadedModel, max_context
+from workbench.workspace import Workspace, fetch_one
+
+STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+CONTEXT_ID_SHIFT = 32
+
+
+class CacheError(WorkbenchError):
+    """Bad caching arguments, caught before anything is written."""
+
+
+@dataclass(frozen=True)
+class CacheRequest:
+    """What to cache; identical requests resume the same run."""
+
+    model: str
+    hooks: tuple[str, ...]
+    corpus: str
+    tokens: int  # cached tokens wanted; rounded up to whole contexts
+    ctx_len: int
+    batch_size: int = 16  # contexts per forward pass (and per committed transaction)
+    seed: int = 0  # document shuffle seed
+    dtype: str = "float16"  # storage dtype, 2 bytes per dimension
+
+    def __post_init__(self) -> None:
+        if self.tokens <= 0:
+            raise CacheError(f"--tokens must be a positive number of tokens, got {self.tokens}")
+        if self.ctx_len < 2:
+            raise CacheError(f"--ctx must be at least 2 (BOS plus one token), got {self.ctx_len}")
+        if self.batch_size <= 0:
+            raise CacheError(f"--batch must be a positive number of contexts, got {self.batch_size}")
+        if self.dtype not in STORAGE_DTYPES:
+            raise CacheError(f"--dtype must be one of {', '.join(STORAGE_DTYPES)}, got '{self.dtype}'")
+        if len(set(self.hooks)) != len(self.hooks):
+            raise CacheError(f"a hook is repeated in {list(self.hooks)}")
+
+    @property
+    def n_contexts(self) -> int:
+        return math.ceil(self.tokens / self.ctx_len)
+
+    def identity(self) -> dict:
+        """The fields that define a run (everything but the size and the batching)."""
+        fields = asdict(self)
+        fields["hooks"] = sorted(self.hooks)
+        del fields["tokens"], fields["batch_size"]
+        return fields
+
+
+@dataclass(frozen=True)
+class CacheSummary:
+    run_id: int
+    hooks: tuple[str, ...]
+    n_contexts: int
+    n_tokens: int
+    resumed_from: int  # contexts already stored when this call started
+    bytes_per_token: float
+
+
+def corpus_fingerprint(corpus: Corpus) -> str:
+    digest = hashlib.sha256()
+    for doc in corpus.documents:
+        digest.update(doc.domain.encode())
+        digest.update(b"\0")
+        digest.update(doc.text.encode("utf-8", "surrogatepass"))
+        digest.update(b"\1")
+    return digest.hexdigest()[:16]
+
+
+def validate_request(loaded: LoadedModel, request: CacheRequest) -> None:
+    """Everything that can be checked against the model before the workspace is touched."""
+    validate_hooks(loaded.model, request.hooks)
+    limit = max_context(loaded.model)
+    if request.ctx_len > limit:
+        raise CacheError(f"--ctx {request.ctx_len} exceeds the model's context length {limit}")
+
+
+def to_storage(acts: torch.Tensor, dtype: str) -> np.ndarray:
+    """float activations → 2-byte floats as int16 bit patterns (numpy has no bfloat16)."""
+    stored = acts.to(STORAGE_DTYPES[dtype])
+    if not torch.isfinite(stored).all():
+        raise CacheError(
+            f"activations overflow {dtype} (max |x| = {acts.abs().max().item():.3g}); use --dtype bfloat16"
+        )
+    return stored.view(torch.int16).cpu().numpy()
+
+
+def from_storage(blob: bytes | memoryview, dtype: str, d: int) -> torch.Tensor:
+    """Inverse of ``to_storage`` for one blob: [n_positions, d] float32."""
+    raw = torch.frombuffer(bytearray(blob), dtype=torch.int16)
+    return raw.view(STORAGE_DTYPES[dtype]).view(-1, d).float()
+
+
+class _Capture:
+    """Forward hooks that keep the latest activation of each hook."""
+
+    def __init__(self, hooks: Sequence[str]):
+        self.hooks = list(hooks)
+        self.values: dict[str, torch.Tensor] = {}
+
+    def fwd_hooks(self):
+        def keep(name: str):
+            def fn(activation: torch.Tensor, hook) -> None:
+                self.values[name] = activation.detach()
+
+            return fn
+
+        return [(name, keep(name)) for name in self.hooks]
+
+
+def _batches(contexts: Iterable, size: int) -> Iterator[list]:
+    batch: list = []
+    for context in contexts:
+        batch.append(context)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+class ActivationCacher:
+    """Runs the model over contexts and appends their activations to one cache run."""
+
+    def __init__(self, workspace: Workspace, loaded: LoadedModel, corpus: Corpus, request: CacheRequest):
+        validate_request(loaded, request)
+        self.ws = workspace
+        self.loaded = loaded
+        self.corpus = corpus
+        self.request = request
+        self.stop_at = stop_layer(request.hooks, loaded.model.cfg.n_layers)
+
+    # -- run bookkeeping -------------------------------------------------------------------
+    def _corpus_id(self) -> int:
+        fingerprint = corpus_fingerprint(self.corpus)
+        spec = f"{self.request.corpus}#{fingerprint}"
+        row = fetch_one(self.ws.con, "SELECT corpus_id FROM corpora WHERE spec = ?", [spec])
+        if row:
+            return int(row[0])
+        return int(
+            fetch_one(self.ws.con, 
+                "INSERT INTO corpora (spec, n_documents) VALUES (?, ?) RETURNING corpus_id",
+                [spec, len(self.corpus.documents)],
+            )[0]
+        )
+
+    def _find_or_create_run(self, corpus_id: int) -> int:
+        identity = json.dumps(self.request.identity(), sort_keys=True)
+        row = fetch_one(self.ws.con, 
+            "SELECT run_id, n_contexts_target FROM runs WHERE kind = 'cache' AND config = ?::JSON", [identity]
+        )
+        if row:
+            run_id, target = int(row[0]), int(row[1])
+            if self.request.n_contexts > target:
+                self.ws.con.execute(
+                    "UPDATE runs SET n_contexts_target = ?, status = 'running' WHERE run_id = ?",
+                    [self.request.n_contexts, run_id],
+                )
+            return run_id
+        req = self.request
+        run_id = int(
+            fetch_one(self.ws.con, 
+                """INSERT INTO runs (kind, model, corpus_id, ctx_len, seed, n_contexts_target, dtype, config, status)
+                   VALUES ('cache', ?, ?, ?, ?, ?, ?, ?::JSON, 'running') RETURNING run_id""",
+                [req.model, corpus_id, req.ctx_len, req.seed, req.n_contexts, req.dtype, identity],
+            )[0]
+        )
+        d_model = self._hook_dims()
+        self.ws.con.executemany(
+            "INSERT INTO run_hooks VALUES (?, ?, ?)", [[run_id, hook, d_model[hook]] for hook in req.hooks]
+        )
+        return run_id
+
+    def _hook_dims(self) -> dict[str, int]:
+        capture = _Capture(self.request.hooks)
+        probe = torch.zeros(1, 2, dtype=torch.long, device=self.loaded.model.cfg.device)
+        with torch.inference_mode(), attached(self.loaded.model, capture.fwd_hooks()):
+            self.loaded.model(probe, stop_at_layer=self.stop_at)
+        for hook, value in capture.values.items():
+            if value.dim() != 3:
+                raise CacheError(f"hook '{hook}' gives shape {list(value.shape)}; only [batch, pos, d] hooks can be cached")
+        return {hook: int(value.shape[-1]) for hook, value in capture.values.items()}
+
+    def _store_vocab(self) -> None:
+        name = self.request.model
+        if fetch_one(self.ws.con, "SELECT count(*) FROM vocab WHERE tokenizer = ?", [name])[0]:
+            return
+        strings = token_strings(self.loaded.tokenizer)
+        rows = pa.table({"tokenizer": [name] * len(strings), "token_id": np.arange(len(strings), dtype=np.int32), "token": strings})
+        insert_arrow(self.ws.con, "vocab", rows)
+
+    # -- the job ---------------------------------------------------------------------------
+    def run(self, progress: bool = True) -> CacheSummary:
+        req = self.request
+        with self.ws.transaction():
+            corpus_id = self._corpus_id()
+            run_id = self._find_or_create_run(corpus_id)
+            self._store_vocab()
+        done = fetch_one(self.ws.con, "SELECT count(*) FROM contexts WHERE run_id = ?", [run_id])[0]
+        target = fetch_one(self.ws.con, "SELECT n_contexts_target FROM runs WHERE run_id = ?", [run_id])[0]
+        stored_docs = {
+            r[0] for r in self.ws.con.execute("SELECT doc_id FROM documents WHERE corpus_id = ?", [corpus_id]).fetchall()
+        }
+
+        contexts = chunk_and_tokenize(self.corpus.documents, self.loaded.tokenizer, req.ctx_len, seed=req.seed, max_contexts=target)
+        remaining = (c for c in contexts if c.index >= done)
+        bar = tqdm(
+            total=target * req.ctx_len, initial=done * req.ctx_len, unit="tok", unit_scale=True,
+            desc=f"caching run {run_id}", disable=not progress, dynamic_ncols=True,
+        )
+        capture = _Capture(req.hooks)
+        written = done
+        with bar, attached(self.loaded.model, capture.fwd_hooks()):
+            for batch in _batches(remaining, req.batch_size):
+                tokens = torch.tensor([c.token_ids for c in batch], device=self.loaded.model.cfg.device)  # [B, L]
+                with torch.inference_mode():
+                    self.loaded.model(tokens, stop_at_layer=self.stop_at)
+                self._write_batch(run_id, corpus_id, batch, capture.values, stored_docs)
+                written += len(batch)
+                bar.update(len(batch) * req.ctx_len)
+        with self.ws.transaction() as con:
+            con.execute(
+                "UPDATE runs SET status = 'done', n_contexts_target = ?, finished_at = current_timestamp WHERE run_id = ?",
+                [written, run_id],
+            )
+        return CacheSummary(
+            run_id=run_id,
+            hooks=req.hooks,
+            n_contexts=written,
+            n_tokens=written * req.ctx_len,
+            resumed_from=done,
+            bytes_per_token=stored_bytes_per_token(self.ws, run_id),
+        )
+
+    def _write_batch(self, run_id: int, corpus_id: int, batch: list, acts: dict[str, torch.Tensor], stored_docs: set[int]) -> None:
+        L = self.request.ctx_len
+        ids = np.array([(run_id << CONTEXT_ID_SHIFT) | c.index for c in batch], dtype=np.int64)  # [B]
+        contexts = pa.table({"context_id": ids, "run_id": np.full(len(batch), run_id, np.int32), "corpus_context": np.array([c.index for c in batch], np.int32)})
+        tokens = pa.table(
+            {
+                "context_id": np.repeat(ids, L),
+                "position": np.tile(np.arange(L, dtype=np.int16), len(batch)),
+                "token_id": np.array([c.token_ids for c in batch], dtype=np.int32).reshape(-1),
+                "doc_id": np.array([c.doc_ids for c in batch], dtype=np.int32).reshape(-1),
+            }
+        )
+        blobs = {hook: to_storage(acts[hook], self.request.dtype) for hook in self.request.hooks}  # each [B, L, d] int16
+        activations = pa.table(
+            {
+                "run_id": np.full(len(batch) * len(blobs), run_id, np.int32),
+                "hook": [hook for hook in blobs for _ in batch],
+                "context_id": np.concatenate([ids for _ in blobs]),
+                "data": [blobs[hook][i].tobytes() for hook in blobs for i in range(len(batch))],
+            },
+            schema=pa.schema([("run_id", pa.int32()), ("hook", pa.string()), ("context_id", pa.int64()), ("data", pa.binary())]),
+        )
+        new_docs = sorted({d for c in batch for d in c.doc_ids if d >= 0} - stored_docs)
+        documents = pa.table(
+            {
+                "corpus_id": np.full(len(new_docs), corpus_id, np.int32),
+                "doc_id": np.array(new_docs, np.int32),
+                "domain": [self.corpus.documents[d].domain for d in new_docs],
+                "source": [self.corpus.documents[d].source for d in new_docs],
+                "text": [self.corpus.documents[d].text for d in new_docs],
+            }
+        )
+        with self.ws.transaction() as con:
+            for name, rows in (("contexts", contexts), ("tokens", tokens), ("activations", activations), ("documents", documents)):
+                insert_arrow(con, name, rows)
+        stored_docs.update(new_docs)
+
+
+def insert_arrow(con, table: str, rows: pa.Table) -> None:
+    """Append an Arrow table to a workspace table (columns in schema order)."""
+    con.register("_incoming", rows)
+    try:
+        con.execute(f"INSERT INTO {table} SELECT * FROM _incoming")
+    finally:
+        con.unregister("_incoming")
+
+
+def stored_bytes_per_token(ws: Workspace, run_id: int) -> float:
+    """Activation bytes per cached token and hook (2 × d when stored at 2 bytes per dimension)."""
+    row = fetch_one(ws.con, 
+        "SELECT sum(octet_length(data)), count(DISTINCT hook) FROM activations WHERE run_id = ?", [run_id]
+    )
+    n_tokens = fetch_one(ws.con, "SELECT count(*) FROM tokens JOIN contexts USING (context_id) WHERE run_id = ?", [run_id])[0]
+    if not row[0] or not n_tokens:
+        return 0.0
+    return float(row[0]) / n_tokens / row[1]

@@ -1,0 +1,89 @@
+"""Hook names, their shapes, validation, and the one context manager that installs hooks.
+
+Hook names are TransformerLens's (``blocks.{layer}.hook_resid_post``, ``blocks.{layer}.mlp.hook_post``,
+...) as exposed by ``TransformerBridge.hook_dict``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from workbench.errors import WorkbenchError
+
+HookFn = Callable[[torch.Tensor, object], torch.Tensor | None]  # (activation, hook) -> replacement or None
+
+_LAYER = re.compile(r"^blocks\.(\d+)\.")
+_PROBE_LEN = 7  # sequence length of the probe forward; chosen not to collide with model dimensions
+
+
+class HookError(WorkbenchError):
+    """A hook name the model does not have."""
+
+
+def hook_names(model) -> list[str]:
+    return list(model.hook_dict)
+
+
+def layer_of(hook: str) -> int | None:
+    """Block index of a hook (``blocks.12.hook_resid_post`` → 12); None for embed / final hooks."""
+    match = _LAYER.match(hook)
+    return int(match.group(1)) if match else None
+
+
+def validate_hooks(model, hooks: Sequence[str]) -> list[str]:
+    """Return ``hooks`` unchanged, or raise ``HookError`` naming the closest valid names."""
+    if not hooks:
+        raise HookError("no hook given: pass --hook NAME (list them with `workbench hooks --model M`)")
+    valid = model.hook_dict
+    for hook in hooks:
+        if hook not in valid:
+            close = difflib.get_close_matches(hook, list(valid), n=3, cutoff=0.6)
+            hint = f"closest: {', '.join(close)}" if close else "list them with `workbench hooks --model M`"
+            raise HookError(f"unknown hook '{hook}' for this model; {hint}")
+    return list(hooks)
+
+
+def stop_layer(hooks: Sequence[str], n_layers: int) -> int | None:
+    """The ``stop_at_layer`` that still runs every block the hooks need (None: run everything)."""
+    layers = [layer_of(h) for h in hooks]
+    if any(layer is None for layer in layers):
+        return None
+    deepest = max(layers) + 1  # type: ignore[type-var]
+    return deepest if deepest < n_layers else None
+
+
+@contextmanager
+def attached(model, fwd_hooks: Sequence[tuple[str, HookFn]] | None = None) -> Iterator[None]:
+    """Install forward hooks for the duration of the block; always removes them, even on error."""
+    points = []
+    try:
+        for name, fn in fwd_hooks or ():
+            point = model.hook_dict[name]
+            point.add_hook(fn, dir="fwd")
+            points.append(point)
+        yield
+    finally:
+        for point in points:
+            point.remove_hooks(dir="fwd")
+
+
+def hook_shapes(model) -> dict[str, str]:
+    """Every hook with its activation shape, e.g. ``[batch, pos, 576]``, from a 1×7 probe forward."""
+    tokens = torch.zeros(1, _PROBE_LEN, dtype=torch.long, device=model.cfg.device)
+    shapes: dict[str, str] = {}
+
+    def record(name: str) -> HookFn:
+        def fn(activation: torch.Tensor, hook) -> None:
+            dims = ["batch" if i == 0 else "pos" if d == _PROBE_LEN else str(d) for i, d in enumerate(activation.shape)]
+            shapes.setdefault(name, "[" + ", ".join(dims) + "]")
+
+        return fn
+
+    with torch.inference_mode(), attached(model, [(name, record(name)) for name in hook_names(model)]):
+        model(tokens)
+    return {name: shapes.get(name, "(not called in a forward)") for name in hook_names(model)}

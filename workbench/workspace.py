@@ -1,0 +1,229 @@
+"""The DuckDB workspace: one database file (plus a folder of SAE weights beside it).
+
+Schema (version 1)::
+
+    schema_version(version)                                    one row
+    corpora(corpus_id, spec, n_documents, created_at)
+    documents(corpus_id, doc_id, domain, source, text)          only documents that were used
+    vocab(tokenizer, token_id, token)                          display strings of the vocabulary
+    runs(run_id, kind, model, corpus_id, ctx_len, seed, n_contexts_target, dtype, config, status, ...)
+    run_hooks(run_id, hook, d)                                 what a cache run stores
+    contexts(context_id, run_id, corpus_context)               corpus_context = index in the seeded stream
+    tokens(context_id, position, token_id, doc_id)             doc_id -1: BOS or separator
+    activations(run_id, hook, context_id, data)                data: [ctx_len, d] float16/bfloat16 bytes
+
+Activations are stored one row per (hook, context) as a raw little-endian blob of 2-byte floats:
+DuckDB has no 16-bit float type, and whole contexts are what every reader (training, analysis)
+consumes. Every write goes through ``transaction()``, so a crash leaves only whole batches.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import duckdb
+
+from workbench.errors import WorkbenchError
+
+SCHEMA_VERSION = 1
+
+# Migration N takes a workspace from version N-1 to N. Append, never edit.
+MIGRATIONS: dict[int, str] = {
+    1: """
+    CREATE TABLE schema_version (version INTEGER NOT NULL);
+    INSERT INTO schema_version VALUES (0);
+    CREATE SEQUENCE corpus_ids START 1;
+    CREATE TABLE corpora (
+        corpus_id   INTEGER PRIMARY KEY DEFAULT nextval('corpus_ids'),
+        spec        VARCHAR NOT NULL UNIQUE,
+        n_documents INTEGER NOT NULL,
+        created_at  TIMESTAMP DEFAULT current_timestamp
+    );
+    CREATE TABLE documents (
+        corpus_id INTEGER NOT NULL,
+        doc_id    INTEGER NOT NULL,
+        domain    VARCHAR NOT NULL,
+        source    VARCHAR NOT NULL,
+        text      VARCHAR NOT NULL,
+        PRIMARY KEY (corpus_id, doc_id)
+    );
+    CREATE TABLE vocab (
+        tokenizer VARCHAR NOT NULL,
+        token_id  INTEGER NOT NULL,
+        token     VARCHAR NOT NULL,
+        PRIMARY KEY (tokenizer, token_id)
+    );
+    CREATE SEQUENCE run_ids START 1;
+    CREATE TABLE runs (
+        run_id            INTEGER PRIMARY KEY DEFAULT nextval('run_ids'),
+        kind              VARCHAR NOT NULL,
+        model             VARCHAR NOT NULL,
+        corpus_id         INTEGER NOT NULL,
+        ctx_len           INTEGER NOT NULL,
+        seed              INTEGER NOT NULL,
+        n_contexts_target INTEGER NOT NULL,
+        dtype             VARCHAR NOT NULL,
+        config            JSON NOT NULL,
+        status            VARCHAR NOT NULL,
+        created_at        TIMESTAMP DEFAULT current_timestamp,
+        finished_at       TIMESTAMP
+    );
+    CREATE TABLE run_hooks (
+        run_id INTEGER NOT NULL,
+        hook   VARCHAR NOT NULL,
+        d      INTEGER NOT NULL,
+        PRIMARY KEY (run_id, hook)
+    );
+    CREATE TABLE contexts (
+        context_id     BIGINT PRIMARY KEY,
+        run_id         INTEGER NOT NULL,
+        corpus_context INTEGER NOT NULL
+    );
+    CREATE TABLE tokens (
+        context_id BIGINT NOT NULL,
+        position   SMALLINT NOT NULL,
+        token_id   INTEGER NOT NULL,
+        doc_id     INTEGER NOT NULL
+    );
+    CREATE TABLE activations (
+        run_id     INTEGER NOT NULL,
+        hook       VARCHAR NOT NULL,
+        context_id BIGINT NOT NULL,
+        data       BLOB NOT NULL
+    );
+    """,
+}
+
+
+def fetch_one(con: duckdb.DuckDBPyConnection, sql: str, params: list | None = None) -> tuple | None:
+    """The first row of a query, with the result fully consumed (DuckDB ≥ 2 requires that
+    before the connection runs anything else)."""
+    rows = con.execute(sql, params or []).fetchall()
+    return rows[0] if rows else None
+
+
+class WorkspaceError(WorkbenchError):
+    """A workspace that cannot be opened or does not hold what was asked for."""
+
+
+class WorkspaceBusy(WorkspaceError):
+    """Another process holds the workspace open for writing."""
+
+
+_LOCK_PID = re.compile(r"PID (\d+)")
+
+
+def _connect(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
+    if not path.parent.is_dir():
+        raise WorkspaceError(f"workspace directory does not exist: {path.parent} (create it first or choose another --db)")
+    if read_only and not path.exists():
+        raise WorkspaceError(f"no workspace at {path}: build one with `workbench cache ... --db {path}`")
+    try:
+        return duckdb.connect(str(path), read_only=read_only)
+    except duckdb.IOException as err:
+        if "lock" in str(err).lower():
+            pid = _LOCK_PID.search(str(err))
+            holder = f" (pid {pid.group(1)})" if pid else ""
+            raise WorkspaceBusy(
+                f"workspace busy: {path} is open for writing by another process{holder}; wait for it to finish"
+            ) from err
+        raise WorkspaceError(f"cannot open workspace {path}: {str(err).splitlines()[0]}") from err
+    except duckdb.Error as err:
+        raise WorkspaceError(f"{path} is not a DuckDB workspace: {str(err).splitlines()[0]}") from err
+
+
+class Workspace:
+    """A connection to one workspace file; use as a context manager to close it."""
+
+    def __init__(self, path: str | Path, read_only: bool = False):
+        self.path = Path(path).expanduser().resolve()
+        self.read_only = read_only
+        self.con = _connect(self.path, read_only)
+        try:
+            self._check_or_migrate()
+        except Exception:
+            self.con.close()
+            raise
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def close(self) -> None:
+        self.con.close()
+
+    def __enter__(self) -> "Workspace":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def weights_dir(self) -> Path:
+        """Folder beside the database for SAE weight files (SAELens layout)."""
+        return self.path.with_suffix(".saes")
+
+    @contextmanager
+    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """All statements inside commit together or not at all."""
+        self.con.execute("BEGIN TRANSACTION")
+        try:
+            yield self.con
+        except BaseException:
+            self.con.execute("ROLLBACK")
+            raise
+        self.con.execute("COMMIT")
+
+    # -- schema ----------------------------------------------------------------------------
+    def schema_version(self) -> int:
+        has_table = fetch_one(
+            self.con, "SELECT count(*) FROM information_schema.tables WHERE table_name = 'schema_version'"
+        )[0]
+        if not has_table:
+            return 0
+        return int(fetch_one(self.con, "SELECT version FROM schema_version")[0])
+
+    def _check_or_migrate(self) -> None:
+        version = self.schema_version()
+        if version > SCHEMA_VERSION:
+            raise WorkspaceError(
+                f"{self.path} has schema version {version}, newer than this workbench's {SCHEMA_VERSION}: "
+                "upgrade the workbench to open it"
+            )
+        if version == SCHEMA_VERSION:
+            return
+        if self.read_only:
+            raise WorkspaceError(
+                f"{self.path} has schema version {version}; open it once for writing to migrate it to {SCHEMA_VERSION}"
+            )
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            with self.transaction() as con:
+                con.execute(MIGRATIONS[target])
+                con.execute("UPDATE schema_version SET version = ?", [target])
+
+    # -- small queries shared by readers ---------------------------------------------------
+    def query(self, sql: str, params: list | None = None) -> list[tuple]:
+        return self.con.execute(sql, params or []).fetchall()
+
+    def cached_hooks(self) -> list[tuple[int, str, str, int, int]]:
+        """(run_id, model, hook, d, contexts stored) for every hook with stored activations."""
+        return self.query(
+            """
+            SELECT h.run_id, r.model, h.hook, h.d,
+                   (SELECT count(*) FROM activations a WHERE a.run_id = h.run_id AND a.hook = h.hook)
+            FROM run_hooks h JOIN runs r USING (run_id)
+            ORDER BY h.run_id, h.hook
+            """
+        )
+
+    def resolve_hook_run(self, hook: str, run_id: int | None = None) -> int:
+        """The cache run holding ``hook``; errors name the cached hooks when it is missing or ambiguous."""
+        rows = [r for r in self.cached_hooks() if r[2] == hook and (run_id is None or r[0] == run_id) and r[4] > 0]
+        if not rows:
+            available = sorted({f"{r[2]} (run {r[0]})" for r in self.cached_hooks() if r[4] > 0})
+            listing = ", ".join(available) if available else "none yet: run `workbench cache` first"
+            raise WorkspaceError(f"hook '{hook}' is not cached in {self.path.name}; cached: {listing}")
+        if len(rows) > 1:
+            runs = ", ".join(str(r[0]) for r in rows)
+            raise WorkspaceError(f"hook '{hook}' is cached by several runs ({runs}); choose one with --run")
+        return rows[0][0]
