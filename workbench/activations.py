@@ -90,6 +90,7 @@ def iter_activations(
     epochs: int = 1,
     buffer_tokens: int = 65_536,
     skip_bos: bool = True,
+    drop_last: bool = True,
     device: str | torch.device = "cpu",
 ) -> Iterator[torch.Tensor]:
     """Shuffled float32 batches [batch_size, d] of one hook's cached activations.
@@ -98,7 +99,7 @@ def iter_activations(
     order a buffer at a time, and tokens are shuffled within the buffer. Each epoch visits
     every selected token exactly once in a new order (seeded by ``seed + epoch``); tokens left
     over at the end of a buffer carry into the next, and only the final remainder smaller than
-    ``batch_size`` is dropped. ``skip_bos`` leaves out position 0 (the BOS token, whose
+    ``batch_size`` is dropped (yielded as a last, smaller batch when ``drop_last`` is False). ``skip_bos`` leaves out position 0 (the BOS token, whose
     residual is an outlier that SAEs should not spend latents on).
     """
     if batch_size <= 0:
@@ -126,6 +127,8 @@ def iter_activations(
             for i in range(0, n_full, batch_size):
                 yield flat[i : i + batch_size].to(device)
             leftover = flat[n_full:]
+    if not drop_last and leftover is not None and leftover.shape[0]:
+        yield leftover.to(device)
 
 
 def export_parquet(ws: Workspace, out_dir: str | Path, *, hooks: list[str] | None = None) -> Path:

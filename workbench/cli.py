@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from data import CORPUS_SPEC_HELP, CorpusError
+from saes import SAEError
 from workbench.errors import WorkbenchError
 
-USER_ERRORS = (WorkbenchError, CorpusError)
+USER_ERRORS = (WorkbenchError, CorpusError, SAEError)
 DEFAULT_DB = Path("workspaces/default.duckdb")
 DEMO = dict(model="smollm2-135m", hook="blocks.15.hook_resid_post", corpus="stdlib", tokens=65_536, ctx=128)
+DEMO_SAE = dict(name="demo-topk", arch="topk", width=2304, k=32, train_tokens=524_288)
 
 
 class CliError(WorkbenchError):
@@ -92,6 +94,12 @@ def workspace_summary(ws) -> str:
                      f"ctx={ctx} contexts={n_ctx} tokens={n_ctx * ctx:,}")
     for run_id, _, hook, d, stored in ws.cached_hooks():
         lines.append(f"    {hook}: d={d}, {stored} contexts stored")
+    for sae_id, name, arch, status, metrics in ws.query("SELECT sae_id, name, arch, status, metrics FROM saes ORDER BY sae_id"):
+        import json
+
+        m = json.loads(metrics) if metrics else {}
+        shown = ", ".join(f"{k}={m[k]:.3f}" for k in ("l0", "fvu", "dead_fraction", "ce_loss_recovered") if k in m)
+        lines.append(f"  sae {sae_id} {name} [{arch}, {status}] {shown}")
     for domain, n_tokens in ws.query(
         """SELECT coalesce(d.domain, '(bos/separator)'), count(*) FROM tokens t
            JOIN contexts c USING (context_id) JOIN runs r USING (run_id)
@@ -113,15 +121,73 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"exported to {out}")
 
 
-def cmd_demo(args: argparse.Namespace) -> None:
-    db: Path = args.db
-    db.parent.mkdir(parents=True, exist_ok=True)
-    print(f"building the default workspace at {db} ({DEMO['model']}, corpus {DEMO['corpus']}, "
-          f"{DEMO['tokens']:,} tokens at {DEMO['hook']}); reruns reuse it", file=sys.stderr)
-    run_cache(db=db, model=DEMO["model"], hooks=[DEMO["hook"]], corpus=DEMO["corpus"], tokens=DEMO["tokens"],
-              ctx=DEMO["ctx"], device=args.device)
+def _model_for_run(ws, hook: str, run_id: int | None, device: str | None):
+    from workbench.models import load_model
+    from workbench.workspace import fetch_one
+
+    run_id = ws.resolve_hook_run(hook, run_id)
+    return load_model(fetch_one(ws.con, "SELECT model FROM runs WHERE run_id = ?", [run_id])[0], device=device)
+
+
+def _print_metrics(trained) -> None:
+    shown = ("l0", "fvu", "explained_variance", "cosine", "dead_fraction", "dense_fraction_1pct",
+             "ce_clean", "ce_spliced", "ce_zero_ablated", "ce_loss_recovered", "kl_clean_spliced")
+    print(f"sae {trained.sae_id} '{trained.name}' saved to {trained.path}")
+    for key in shown:
+        if key in trained.metrics:
+            print(f"  {key:<22} {trained.metrics[key]:.4f}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    import saes
+    from workbench.training import train_sae
     from workbench.workspace import Workspace
 
+    sae_fields = dict(arch=args.arch, width=args.width, k=args.k, aux_loss=args.aux_loss, capacity=args.capacity)
+    train_cfg = saes.TrainConfig(
+        lr=args.lr, batch_size=args.batch_size, total_tokens=args.tokens, seed=args.seed,
+        bf16_autocast=args.bf16, checkpoint_every=args.checkpoint_every, warmup_steps=args.warmup_steps,
+    )
+    saes.SAEConfig(d_in=1, **sae_fields)  # validate the dictionary's fields before touching the workspace
+    _check_db_path(args.db)
+    with Workspace(args.db) as ws:
+        ws.resolve_hook_run(args.hook, args.run)
+        model = None if args.no_downstream else _model_for_run(ws, args.hook, args.run, args.device)
+        trained = train_sae(ws, args.hook, sae_fields, train_cfg, name=args.name, run_id=args.run, out=args.out, model=model)
+    _print_metrics(trained)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from workbench.training import register_saved
+    from workbench.workspace import Workspace
+
+    with Workspace(args.db) as ws:
+        ws.resolve_hook_run(args.hook, args.run)
+        model = None if args.no_downstream else _model_for_run(ws, args.hook, args.run, args.device)
+        trained = register_saved(ws, args.sae, args.hook, name=args.name, run_id=args.run, model=model)
+    _print_metrics(trained)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    import saes
+    from workbench.training import train_sae
+    from workbench.workspace import Workspace
+
+    db: Path = args.db
+    db.parent.mkdir(parents=True, exist_ok=True)
+    print(f"default workspace {db}: {DEMO['model']}, corpus {DEMO['corpus']}, {DEMO['tokens']:,} tokens at "
+          f"{DEMO['hook']}, a TopK SAE ({DEMO_SAE['width']} latents, k={DEMO_SAE['k']}); finished steps are reused",
+          file=sys.stderr)
+    run_cache(db=db, model=DEMO["model"], hooks=[DEMO["hook"]], corpus=DEMO["corpus"], tokens=DEMO["tokens"],
+              ctx=DEMO["ctx"], device=args.device)
+    with Workspace(db) as ws:
+        trained = ws.query("SELECT count(*) FROM saes WHERE name = ? AND status = 'done'", [DEMO_SAE["name"]])[0][0]
+        if not trained:
+            model = _model_for_run(ws, DEMO["hook"], None, args.device)
+            train_cfg = saes.TrainConfig(total_tokens=DEMO_SAE["train_tokens"], batch_size=4096, bf16_autocast=True,
+                                         checkpoint_every=20)
+            fields = dict(arch=DEMO_SAE["arch"], width=DEMO_SAE["width"], k=DEMO_SAE["k"])
+            train_sae(ws, DEMO["hook"], fields, train_cfg, name=DEMO_SAE["name"], model=model)
     with Workspace(db, read_only=True) as ws:
         print(workspace_summary(ws))
 
@@ -161,6 +227,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float16", help="storage dtype: float16 or bfloat16 (2 bytes per dimension)")
     p.add_argument("--db", type=Path, required=True, help="workspace file (created if missing)")
 
+    import saes
+
+    p = add("train", cmd_train, "train one sparse dictionary on a cached hook; saves SAELens layout, records metrics")
+    p.add_argument("--db", type=Path, required=True)
+    p.add_argument("--hook", required=True, help="a cached hook (see `workbench info`)")
+    p.add_argument("--run", type=int, default=None, help="cache run id, when several runs cached the hook")
+    p.add_argument("--arch", default="topk", help=f"one of: {', '.join(saes.architecture_names())}")
+    p.add_argument("--width", type=_positive_int, required=True, help="number of latents (codes for codebook)")
+    p.add_argument("--k", type=_positive_int, required=True, help="active latents per token (average for batch-level variants)")
+    p.add_argument("--tokens", type=_positive_int, required=True, help="training tokens (epochs over the cache as needed)")
+    p.add_argument("--batch-size", type=_positive_int, default=4096, help="tokens per step")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 2e-4 / sqrt(width / 2^14))")
+    p.add_argument("--warmup-steps", type=int, default=100)
+    p.add_argument("--aux-loss", default="auxk", help="auxk (dead latents), zipf (under-used latents) or none")
+    p.add_argument("--capacity", default="uniform", help="feature_choice capacities: uniform or zipf")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for the encoder (AMX on CPU, tensor cores on GPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=200, help="steps between resumable checkpoints")
+    p.add_argument("--name", default=None, help="name in the workspace (default: hook.arch.wWIDTH.kK)")
+    p.add_argument("--out", type=Path, default=None, help="weights folder (default: beside the workspace, DB.saes/NAME)")
+    p.add_argument("--no-downstream", action="store_true", help="skip CE loss recovered / KL (no model load)")
+    p.add_argument("--device", default=None)
+
+    p = add("eval", cmd_eval, "evaluate an SAE saved in SAELens layout on a cached hook and record it")
+    p.add_argument("--db", type=Path, required=True)
+    p.add_argument("--sae", type=Path, required=True, help="folder with cfg.json + safetensors weights")
+    p.add_argument("--hook", required=True)
+    p.add_argument("--run", type=int, default=None)
+    p.add_argument("--name", default=None)
+    p.add_argument("--no-downstream", action="store_true")
+    p.add_argument("--device", default=None)
+
     p = add("info", cmd_info, "summarise a workspace: runs, cached hooks, tokens per domain")
     p.add_argument("--db", type=Path, required=True)
 
@@ -169,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--hook", action="append", help="only these hooks (default: all)")
 
-    p = add("demo", cmd_demo, "build the default workspace if missing and summarise it")
+    p = add("demo", cmd_demo, "build the default workspace if missing (cache, TopK SAE) and summarise it")
     p.add_argument("--db", type=Path, default=DEFAULT_DB)
     p.add_argument("--device", default=None)
     return parser

@@ -12,6 +12,11 @@ Schema (version 1)::
     tokens(context_id, position, token_id, doc_id)             doc_id -1: BOS or separator
     activations(run_id, hook, context_id, data)                data: [ctx_len, d] float16/bfloat16 bytes
 
+Version 2 adds the dictionaries trained or loaded on a cached hook::
+
+    saes(sae_id, name, run_id, hook, arch, d_in, width, k, path, config, status, metrics, ...)
+    training_log(sae_id, step, tokens, metrics)                metrics: JSON of the trainer's log line
+
 Activations are stored one row per (hook, context) as a raw little-endian blob of 2-byte floats:
 DuckDB has no 16-bit float type, and whole contexts are what every reader (training, analysis)
 consumes. Every write goes through ``transaction()``, so a crash leaves only whole batches.
@@ -28,7 +33,7 @@ import duckdb
 
 from workbench.errors import WorkbenchError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Migration N takes a workspace from version N-1 to N. Append, never edit.
 MIGRATIONS: dict[int, str] = {
@@ -93,6 +98,32 @@ MIGRATIONS: dict[int, str] = {
         hook       VARCHAR NOT NULL,
         context_id BIGINT NOT NULL,
         data       BLOB NOT NULL
+    );
+    """,
+    2: """
+    CREATE SEQUENCE sae_ids START 1;
+    CREATE TABLE saes (
+        sae_id      INTEGER PRIMARY KEY DEFAULT nextval('sae_ids'),
+        name        VARCHAR NOT NULL UNIQUE,
+        run_id      INTEGER NOT NULL,
+        hook        VARCHAR NOT NULL,
+        arch        VARCHAR NOT NULL,
+        d_in        INTEGER NOT NULL,
+        width       INTEGER NOT NULL,
+        k           INTEGER,
+        path        VARCHAR NOT NULL,
+        config      JSON NOT NULL,
+        status      VARCHAR NOT NULL,
+        metrics     JSON,
+        created_at  TIMESTAMP DEFAULT current_timestamp,
+        finished_at TIMESTAMP
+    );
+    CREATE TABLE training_log (
+        sae_id  INTEGER NOT NULL,
+        step    INTEGER NOT NULL,
+        tokens  BIGINT NOT NULL,
+        metrics JSON NOT NULL,
+        PRIMARY KEY (sae_id, step)
     );
     """,
 }

@@ -1,0 +1,18 @@
+"""Sparse dictionaries for the workbench: SAE variants, codebook bottleneck, trainer, evals.
+
+Consumes tensors only (never imports the language model, DuckDB or `workbench`).
+"""
+
+from .config import SAEConfig, TrainConfig
+from .errors import CheckpointError, SAEConfigError, SAEError, SAELoadError, UnknownArchitectureError
+from .registry import architecture_names, build, get_class, register_with_sae_lens
+from .base import BaseSAE, ForwardOutput, Latents, Selection
+from .io import load_sae, save_sae
+from .trainer import TrainResult, train
+from . import evals
+
+__all__ = [
+    "SAEConfig", "TrainConfig", "architecture_names", "build", "get_class", "register_with_sae_lens",
+    "BaseSAE", "ForwardOutput", "Latents", "Selection", "save_sae", "load_sae", "train", "TrainResult",
+    "evals", "SAEError", "SAEConfigError", "SAELoadError", "UnknownArchitectureError", "CheckpointError",
+]

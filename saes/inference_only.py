@@ -1,0 +1,44 @@
+"""Inference-only architectures for SAEs trained elsewhere (loaded from SAELens layout).
+
+    jumprelu:  Z = ReLU(P) · 1[P > θ_i]        (per-feature thresholds, as sae-lens JumpReLUSAE)
+    standard:  Z = ReLU(P)                     (sae-lens StandardSAE)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import BaseSAE, Selection
+from .registry import register
+
+
+@register
+class JumpReLUSAE(BaseSAE):
+    arch = "jumprelu"
+    threshold_kind = "per_feature"
+    trainable = False
+    sae_lens_architecture = "jumprelu"
+
+    @property
+    def thresholds_ready(self) -> bool:
+        return True
+
+    def select(self, pre: Tensor) -> Selection:
+        rows, cols = (pre > self.threshold.to(pre.dtype)).nonzero(as_tuple=True)
+        from .sparse_ops import pairs_to_padded
+
+        idx, valid = pairs_to_padded(rows, cols, pre.shape[0])
+        return Selection(idx, valid, None)
+
+
+@register
+class StandardSAE(JumpReLUSAE):
+    """ReLU SAE: a JumpReLU with all thresholds 0."""
+
+    arch = "standard"
+    sae_lens_architecture = "standard"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        torch.nn.init.zeros_(self.threshold)

@@ -1,0 +1,207 @@
+"""Train and evaluate sparse dictionaries on a workspace's cached activations.
+
+The glue between three parts that do not know each other: the workspace reader
+(``iter_activations``), the ``saes`` trainer (an iterator of tensors in, a module out) and the
+language model (for downstream metrics with the reconstruction spliced in). Every SAE gets a
+``saes`` row (configuration, status, held-out metrics) and its trainer log lines in
+``training_log``; weights live in SAELens layout under the workspace's weights folder.
+
+Resuming: an SAE is identified by its name. Running the same ``train`` again after a crash finds
+the row in status ``training`` with the same configuration, and the trainer restores its last
+checkpoint and skips the batches it had consumed (the reader is deterministic by seed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import saes
+from saes.evals import downstream_metrics, reconstruction_metrics
+from workbench.activations import context_ids, iter_activations
+from workbench.errors import WorkbenchError
+from workbench.hooks import attached
+from workbench.workspace import Workspace, fetch_one
+
+EVAL_CONTEXTS = 16  # held-out contexts scored by the language model (logits are [contexts, L, vocab])
+
+
+class TrainingError(WorkbenchError):
+    """An SAE name or configuration that conflicts with what the workspace holds."""
+
+
+@dataclass(frozen=True)
+class TrainedSAE:
+    sae_id: int
+    name: str
+    path: Path
+    metrics: dict[str, float]
+    resumed_from_step: int
+
+
+def default_name(sae_cfg: saes.SAEConfig, hook: str) -> str:
+    return f"{hook}.{sae_cfg.arch}.w{sae_cfg.width}.k{sae_cfg.k}"
+
+
+def hook_dim(ws: Workspace, run_id: int, hook: str) -> int:
+    return int(fetch_one(ws.con, "SELECT d FROM run_hooks WHERE run_id = ? AND hook = ?", [run_id, hook])[0])
+
+
+def train_tokens_available(ws: Workspace, run_id: int, hook: str) -> int:
+    """Tokens in the training split, BOS positions excluded (what ``iter_activations`` yields)."""
+    ctx_len = int(fetch_one(ws.con, "SELECT ctx_len FROM runs WHERE run_id = ?", [run_id])[0])
+    return len(context_ids(ws, hook, run_id=run_id, split="train")) * (ctx_len - 1)
+
+
+def _register(ws: Workspace, name: str, run_id: int, hook: str, sae_cfg: saes.SAEConfig, config: dict, path: Path) -> tuple[int, bool]:
+    """Insert the ``saes`` row, or find the unfinished one to resume; returns (sae_id, resuming)."""
+    row = fetch_one(ws.con, "SELECT sae_id, status, config FROM saes WHERE name = ?", [name])
+    if row:
+        sae_id, status, stored = row
+        if status == "done":
+            raise TrainingError(f"an SAE named '{name}' is already trained in this workspace; choose another --name")
+        if json.loads(stored) != config:
+            raise TrainingError(f"an unfinished SAE named '{name}' has a different configuration; choose another --name")
+        return int(sae_id), True
+    sae_id = fetch_one(
+        ws.con,
+        """INSERT INTO saes (name, run_id, hook, arch, d_in, width, k, path, config, status)
+           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?::JSON, 'training') RETURNING sae_id""",
+        [name, run_id, hook, sae_cfg.arch, sae_cfg.d_in, sae_cfg.width, sae_cfg.k, str(path), json.dumps(config)],
+    )[0]
+    return int(sae_id), False
+
+
+def train_sae(
+    ws: Workspace,
+    hook: str,
+    sae_fields: dict,
+    train_cfg: saes.TrainConfig,
+    *,
+    name: str | None = None,
+    run_id: int | None = None,
+    out: Path | None = None,
+    model=None,
+) -> TrainedSAE:
+    """Train one SAE on ``hook``'s training split, save it, evaluate it on the held-out split.
+
+    ``sae_fields`` are ``SAEConfig`` fields except ``d_in``, which comes from the cache. With
+    ``model`` (a loaded ``LoadedModel`` of the run's model) the metrics include CE loss
+    recovered and KL with the reconstruction spliced in.
+    """
+    run_id = ws.resolve_hook_run(hook, run_id)
+    sae_cfg = saes.SAEConfig(d_in=hook_dim(ws, run_id, hook), **sae_fields)
+    available = train_tokens_available(ws, run_id, hook)
+    if available < train_cfg.batch_size:
+        raise TrainingError(
+            f"only {available} training tokens are cached for '{hook}', fewer than one batch of {train_cfg.batch_size}; "
+            "cache more tokens or lower --batch-size"
+        )
+    name = name or default_name(sae_cfg, hook)
+    path = Path(out) if out else ws.weights_dir / name
+    config = {"sae": sae_cfg.to_dict(), "train": train_cfg.to_dict(), "hook": hook, "run_id": run_id}
+    with ws.transaction():
+        sae_id, resuming = _register(ws, name, run_id, hook, sae_cfg, config, path)
+
+    epochs = math.ceil(train_cfg.total_tokens / available) + 1  # the trainer stops at total_tokens
+    batches = iter_activations(ws, hook, train_cfg.batch_size, seed=train_cfg.seed, run_id=run_id, split="train", epochs=epochs)
+
+    def log(line: dict) -> None:
+        ws.con.execute(
+            "INSERT OR REPLACE INTO training_log VALUES (?, ?, ?, ?::JSON)",
+            [sae_id, int(line.get("step", 0)), int(line.get("tokens", 0)), json.dumps(line, default=float)],
+        )
+
+    result = saes.train(sae_cfg, train_cfg, batches, on_log=log, checkpoint_dir=path, resume=resuming)
+    saes.save_sae(result.sae, path)
+    metrics = evaluate(ws, result.sae, hook, run_id=run_id, model=model)
+    metrics["train_tokens"] = result.tokens
+    metrics["dead_tokens_window"] = result.dead_tokens
+    with ws.transaction() as con:
+        con.execute(
+            "UPDATE saes SET status = 'done', metrics = ?::JSON, finished_at = current_timestamp WHERE sae_id = ?",
+            [json.dumps(metrics), sae_id],
+        )
+    return TrainedSAE(sae_id, name, path, metrics, result.resumed_from_step)
+
+
+def evaluate(ws: Workspace, sae: torch.nn.Module, hook: str, *, run_id: int | None = None, model=None) -> dict[str, float]:
+    """SAEBench-style core metrics on the held-out split; downstream ones when a model is given."""
+    run_id = ws.resolve_hook_run(hook, run_id)
+    sae.eval()
+    held_out = iter_activations(ws, hook, 1024, seed=0, run_id=run_id, split="test", epochs=1, drop_last=False)
+    metrics = reconstruction_metrics(sae, held_out)
+    if model is not None:
+        tokens = held_out_tokens(ws, run_id, limit=EVAL_CONTEXTS).to(model.model.cfg.device)
+        metrics.update(downstream_metrics(spliced_loss(model.model, hook, tokens), sae))
+    return metrics
+
+
+def held_out_tokens(ws: Workspace, run_id: int, limit: int) -> torch.Tensor:
+    """Token ids of up to ``limit`` test-split contexts: [n, ctx_len]."""
+    ids = [cid for cid in _test_context_ids(ws, run_id)][:limit]
+    rows = ws.query(
+        "SELECT context_id, token_id FROM tokens WHERE context_id IN (SELECT unnest(?::BIGINT[])) ORDER BY context_id, position",
+        [ids],
+    )
+    ctx_len = len(rows) // max(1, len(ids))
+    return torch.tensor([t for _, t in rows], dtype=torch.long).view(len(ids), ctx_len)
+
+
+def _test_context_ids(ws: Workspace, run_id: int) -> list[int]:
+    hook = fetch_one(ws.con, "SELECT hook FROM run_hooks WHERE run_id = ? ORDER BY hook", [run_id])[0]
+    return context_ids(ws, hook, run_id=run_id, split="test")
+
+
+def spliced_loss(model, hook_name: str, tokens: torch.Tensor, batch_size: int = 4) -> Callable:
+    """``run_loss(patch)`` for ``saes.evals.downstream_metrics``.
+
+    Runs the model with ``hook_name``'s activation at positions ≥ 1 replaced by ``patch(acts)`` (BOS
+    is left alone: its residual is an outlier no dictionary is trained on) and returns the
+    next-token losses [n, L−1] and logits [n, L−1, vocab] for positions 0..L−2.
+    """
+
+    def run_loss(patch):
+        def splice(acts: torch.Tensor, hook) -> torch.Tensor:
+            return torch.cat([acts[:, :1], patch(acts[:, 1:])], dim=1)
+
+        losses, logits = [], []
+        for start in range(0, tokens.shape[0], batch_size):
+            chunk = tokens[start : start + batch_size]  # [b, L]
+            with torch.inference_mode(), attached(model, [(hook_name, splice)] if patch else []):
+                out = model(chunk).float()[:, :-1]  # [b, L-1, vocab]
+            losses.append(F.cross_entropy(out.transpose(1, 2), chunk[:, 1:], reduction="none"))  # [b, L-1]
+            logits.append(out)
+        return torch.cat(losses), torch.cat(logits)
+
+    return run_loss
+
+
+def trained_saes(ws: Workspace) -> list[dict]:
+    rows = ws.query("SELECT sae_id, name, hook, arch, width, k, status, path, metrics FROM saes ORDER BY sae_id")
+    keys = ("sae_id", "name", "hook", "arch", "width", "k", "status", "path", "metrics")
+    return [dict(zip(keys, r[:-1] + (json.loads(r[-1]) if r[-1] else {},))) for r in rows]
+
+
+def register_saved(ws: Workspace, directory: Path, hook: str, *, name: str | None = None, run_id: int | None = None, model=None) -> TrainedSAE:
+    """Load an SAE saved in SAELens layout (by this project or by sae-lens), check it fits the
+    hook, evaluate it on the held-out split and record it in the workspace."""
+    run_id = ws.resolve_hook_run(hook, run_id)
+    sae = saes.load_sae(directory, expected_d_in=hook_dim(ws, run_id, hook))
+    name = name or f"{hook}.{Path(directory).name}"
+    config = {"sae": sae.cfg.to_dict(), "hook": hook, "run_id": run_id, "loaded_from": str(directory)}
+    with ws.transaction():
+        sae_id, _ = _register(ws, name, run_id, hook, sae.cfg, config, Path(directory))
+    metrics = evaluate(ws, sae, hook, run_id=run_id, model=model)
+    with ws.transaction() as con:
+        con.execute(
+            "UPDATE saes SET status = 'done', metrics = ?::JSON, finished_at = current_timestamp WHERE sae_id = ?",
+            [json.dumps(metrics), sae_id],
+        )
+    return TrainedSAE(sae_id, name, Path(directory), metrics, 0)
