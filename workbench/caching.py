@@ -101,19 +101,14 @@ def validate_request(loaded: LoadedModel, request: CacheRequest) -> None:
 
 
 def to_storage(acts: torch.Tensor, dtype: str) -> np.ndarray:
-    """float activations → 2-byte floats as int16 bit patterns (numpy has no bfloat16)."""
+    """float activations → 2-byte floats as int16 bit patterns (numpy has no bfloat16);
+    ``activations._blobs_to_tensor`` reverses it."""
     stored = acts.to(STORAGE_DTYPES[dtype])
     if not torch.isfinite(stored).all():
         raise CacheError(
             f"activations overflow {dtype} (max |x| = {acts.abs().max().item():.3g}); use --dtype bfloat16"
         )
     return stored.view(torch.int16).cpu().numpy()
-
-
-def from_storage(blob: bytes | memoryview, dtype: str, d: int) -> torch.Tensor:
-    """Inverse of ``to_storage`` for one blob: [n_positions, d] float32."""
-    raw = torch.frombuffer(bytearray(blob), dtype=torch.int16)
-    return raw.view(STORAGE_DTYPES[dtype]).view(-1, d).float()
 
 
 class _Capture:

@@ -7,6 +7,7 @@ is written to the workspace before every argument has been checked.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -58,7 +59,7 @@ def run_cache(*, db: Path, model: str, hooks: Sequence[str], corpus: str, tokens
               batch: int = 16, seed: int = 0, dtype: str = "float16", device: str | None = None, progress: bool = True):
     """Check everything, then cache. Cheap checks come first so bad input fails fast."""
     from data import load_corpus
-    from workbench.caching import ActivationCacher, CacheRequest
+    from workbench.caching import ActivationCacher, CacheRequest, validate_request
     from workbench.models import load_model
     from workbench.workspace import Workspace
 
@@ -68,8 +69,6 @@ def run_cache(*, db: Path, model: str, hooks: Sequence[str], corpus: str, tokens
     if db.exists():  # fail now, not after loading the model, if another process is writing
         Workspace(db, read_only=True).close()
     loaded = load_model(model, device=device)
-    from workbench.caching import validate_request
-
     validate_request(loaded, request)
     documents = load_corpus(corpus)
     with Workspace(db) as ws:
@@ -95,8 +94,6 @@ def workspace_summary(ws) -> str:
     for run_id, _, hook, d, stored in ws.cached_hooks():
         lines.append(f"    {hook}: d={d}, {stored} contexts stored")
     for sae_id, name, arch, status, metrics in ws.query("SELECT sae_id, name, arch, status, metrics FROM saes ORDER BY sae_id"):
-        import json
-
         m = json.loads(metrics) if metrics else {}
         shown = ", ".join(f"{k}={m[k]:.3f}" for k in ("l0", "fvu", "dead_fraction", "ce_loss_recovered") if k in m)
         lines.append(f"  sae {sae_id} {name} [{arch}, {status}] {shown}")
@@ -193,7 +190,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 # -- parser -------------------------------------------------------------------------------
-def _positive_int(text: str) -> int:
+def _integer(text: str) -> int:
+    """Parse an integer; range checks live in the request dataclasses so messages name the option."""
     try:
         return int(text)
     except ValueError:
@@ -220,9 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     model_arg(p)
     p.add_argument("--hook", action="append", required=True, help="hook name; repeat for several (one forward serves all)")
     p.add_argument("--corpus", default="stdlib", help=CORPUS_SPEC_HELP)
-    p.add_argument("--tokens", type=_positive_int, required=True, help="tokens to cache (rounded up to whole contexts)")
-    p.add_argument("--ctx", type=_positive_int, default=128, help="context length in tokens, BOS included")
-    p.add_argument("--batch", type=_positive_int, default=16, help="contexts per forward pass and per committed transaction")
+    p.add_argument("--tokens", type=_integer, required=True, help="tokens to cache (rounded up to whole contexts)")
+    p.add_argument("--ctx", type=_integer, default=128, help="context length in tokens, BOS included")
+    p.add_argument("--batch", type=_integer, default=16, help="contexts per forward pass and per committed transaction")
     p.add_argument("--seed", type=int, default=0, help="document shuffle seed (recorded in the run)")
     p.add_argument("--dtype", default="float16", help="storage dtype: float16 or bfloat16 (2 bytes per dimension)")
     p.add_argument("--db", type=Path, required=True, help="workspace file (created if missing)")
@@ -234,10 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hook", required=True, help="a cached hook (see `workbench info`)")
     p.add_argument("--run", type=int, default=None, help="cache run id, when several runs cached the hook")
     p.add_argument("--arch", default="topk", help=f"one of: {', '.join(saes.architecture_names())}")
-    p.add_argument("--width", type=_positive_int, required=True, help="number of latents (codes for codebook)")
-    p.add_argument("--k", type=_positive_int, required=True, help="active latents per token (average for batch-level variants)")
-    p.add_argument("--tokens", type=_positive_int, required=True, help="training tokens (epochs over the cache as needed)")
-    p.add_argument("--batch-size", type=_positive_int, default=4096, help="tokens per step")
+    p.add_argument("--width", type=_integer, required=True, help="number of latents (codes for codebook)")
+    p.add_argument("--k", type=_integer, required=True, help="active latents per token (average for batch-level variants)")
+    p.add_argument("--tokens", type=_integer, required=True, help="training tokens (epochs over the cache as needed)")
+    p.add_argument("--batch-size", type=_integer, default=4096, help="tokens per step")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 2e-4 / sqrt(width / 2^14))")
     p.add_argument("--warmup-steps", type=int, default=100)
     p.add_argument("--aux-loss", default="auxk", help="auxk (dead latents), zipf (under-used latents) or none")

@@ -138,25 +138,20 @@ def evaluate(ws: Workspace, sae: torch.nn.Module, hook: str, *, run_id: int | No
     held_out = iter_activations(ws, hook, 1024, seed=0, run_id=run_id, split="test", epochs=1, drop_last=False)
     metrics = reconstruction_metrics(sae, held_out)
     if model is not None:
-        tokens = held_out_tokens(ws, run_id, limit=EVAL_CONTEXTS).to(model.model.cfg.device)
+        tokens = held_out_tokens(ws, hook, run_id, limit=EVAL_CONTEXTS).to(model.model.cfg.device)
         metrics.update(downstream_metrics(spliced_loss(model.model, hook, tokens), sae))
     return metrics
 
 
-def held_out_tokens(ws: Workspace, run_id: int, limit: int) -> torch.Tensor:
+def held_out_tokens(ws: Workspace, hook: str, run_id: int, limit: int) -> torch.Tensor:
     """Token ids of up to ``limit`` test-split contexts: [n, ctx_len]."""
-    ids = [cid for cid in _test_context_ids(ws, run_id)][:limit]
+    ids = context_ids(ws, hook, run_id=run_id, split="test")[:limit]
     rows = ws.query(
         "SELECT context_id, token_id FROM tokens WHERE context_id IN (SELECT unnest(?::BIGINT[])) ORDER BY context_id, position",
         [ids],
     )
     ctx_len = len(rows) // max(1, len(ids))
     return torch.tensor([t for _, t in rows], dtype=torch.long).view(len(ids), ctx_len)
-
-
-def _test_context_ids(ws: Workspace, run_id: int) -> list[int]:
-    hook = fetch_one(ws.con, "SELECT hook FROM run_hooks WHERE run_id = ? ORDER BY hook", [run_id])[0]
-    return context_ids(ws, hook, run_id=run_id, split="test")
 
 
 def spliced_loss(model, hook_name: str, tokens: torch.Tensor, batch_size: int = 4) -> Callable:
