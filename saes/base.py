@@ -146,12 +146,10 @@ class BaseSAE(nn.Module):
             rows, cols = mask.nonzero(as_tuple=True)
             idx, valid = sparse_ops.pairs_to_padded(rows, cols, pre.shape[0])
             sel = Selection(idx, valid, None)
-        vals = sparse_ops.gather_linear(x_n, self.b_dec, self.W_enc, self.b_enc, pre, sel.indices).relu()  # (B, K)
-        if sel.valid is not None:
-            vals = vals * sel.valid
+        vals = sparse_ops.gather_linear(x_n, self.b_dec, self.W_enc, self.b_enc, pre, sel.indices, sel.valid).relu()  # (B, K)
         with torch.autocast(device_type=x.device.type, enabled=False):
             vals = vals.float() if vals.dtype != self.W_dec.dtype else vals
-            recon_n = sparse_ops.sparse_decode(vals, sel.indices, self.W_dec) + self.b_dec  # (B, d)
+            recon_n = sparse_ops.sparse_decode(vals, sel.indices, self.W_dec, sel.valid) + self.b_dec  # (B, d)
             nmse = normalized_mse(recon_n, x_n)
             aux = self._aux(x_n, x_c, recon_n, pre, aux_mask)
         fired = (vals.detach() > self.cfg.fire_threshold).to(vals.dtype)

@@ -30,9 +30,12 @@ class FeatureChoiceSAE(BaseSAE):
     threshold_kind = "per_feature"
     sae_lens_architecture = "jumprelu"
 
-    def capacities(self, pre: Tensor) -> Tensor:
-        """(F,) int64 tokens per feature for this batch, summing to k·B (unless capped at B)."""
-        B, F = pre.shape
+    def capacities(self, pre_t: Tensor) -> Tensor:
+        """(F,) int64 tokens per feature for this batch, summing to k·B (unless capped at B).
+
+        Takes the transposed pre-activations ``pre_t`` (F, B): row reductions are contiguous.
+        """
+        F, B = pre_t.shape
         total = self.cfg.k * B
         alpha = 0.0
         if self.cfg.capacity == "zipf" and int(self.density_updates) > 0:
@@ -41,21 +44,21 @@ class FeatureChoiceSAE(BaseSAE):
             w = ranks(self.density).double().pow(-alpha)  # (F,)
             raw = _water_fill(w, total, B)  # (F,) real capacities, each <= B, summing to k·B
         else:
-            raw = torch.full((F,), total / F, dtype=torch.float64, device=pre.device)
+            raw = torch.full((F,), total / F, dtype=torch.float64, device=pre_t.device)
         m = raw.floor().to(torch.int64).clamp(max=B)
         rem = total - int(m.sum())
         if rem > 0:  # largest remainder (uniform: largest batch max pre-activation), never above B
-            key = (raw - m.double()) if alpha > 0 else pre.max(dim=0).values.double()
+            key = (raw - m.double()) if alpha > 0 else pre_t.max(dim=1).values.double()
             key = key.masked_fill(m >= B, -math.inf)
             m[torch.topk(key, rem).indices] += 1
         return m
 
     def select(self, pre: Tensor) -> Selection:
         B, F = pre.shape
-        m = self.capacities(pre)  # (F,)
+        pre_t = pre.t().contiguous()  # (F, B): topk and max along contiguous rows, ~2x faster on CPU
+        m = self.capacities(pre_t)  # (F,)
         mmax = max(1, int(m.max()))
-        # topk along contiguous rows of P^T: ~2x faster on CPU than topk over dim 0 of P
-        vals, rows = pre.t().contiguous().topk(mmax, dim=1, sorted=True)  # (F, mmax) each row descending
+        vals, rows = pre_t.topk(mmax, dim=1, sorted=True)  # (F, mmax) each row descending
         keep = torch.arange(mmax, device=pre.device)[None, :] < m[:, None]  # (F, mmax)
         last = vals.gather(1, (m - 1).clamp(min=0)[:, None])[:, 0].float().relu()  # (F,)
         stat = torch.where(m > 0, last, torch.full_like(last, float("nan")))

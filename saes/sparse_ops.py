@@ -20,8 +20,10 @@ Both are checked against the dense reference (`saes.reference`) including gradie
 from __future__ import annotations
 
 import warnings
+from typing import NamedTuple
 
 import numpy as np
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -34,88 +36,131 @@ def stable_argsort(keys: Tensor) -> Tensor:
     return torch.argsort(keys, stable=True)
 
 
-def _sparse_rows_matmul(idx: Tensor, g: Tensor, x: Tensor, n_rows: int) -> Tensor:
-    """Return S^T x  (n_rows, d) where S (B, n_rows) has S[b, idx[b, j]] = g[b, j]."""
+class Entries(NamedTuple):
+    """The kept slots of a padded (B, K) selection, flattened token by token (CSR order)."""
+
+    latent: Tensor
+    """(nnz,) latent id of each kept slot."""
+    token: Tensor
+    """(nnz,) token (row) of each kept slot, ascending."""
+    offsets: Tensor
+    """(B,) index into `latent` where each token's slots start (embedding_bag offsets)."""
+    keep: Tensor | None
+    """(B, K) bool mask of kept slots; None when every slot is kept."""
+
+
+def entries(idx: Tensor, valid: Tensor | None) -> Entries:
+    """Flatten a padded selection, dropping padding slots (valid=False) so kernels cost O(nnz)."""
     B, K = idx.shape
-    rows = idx.reshape(-1)  # (B*K,)
-    order = stable_argsort(rows)  # stable: tokens stay ascending within each latent (CSR order)
-    rows = rows[order]
-    cols = torch.div(order, K, rounding_mode="floor")  # token of each entry
-    vals = g.reshape(-1)[order].to(x.dtype)
-    crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=idx.device)
+    if valid is None:
+        token = torch.arange(B, device=idx.device).repeat_interleave(K)
+        return Entries(idx.reshape(-1), token, torch.arange(0, B * K, K, device=idx.device), None)
+    counts = valid.sum(1)  # (B,)
+    token = torch.arange(B, device=idx.device).repeat_interleave(counts)
+    return Entries(idx[valid], token, torch.cumsum(counts, 0) - counts, valid)
+
+
+def _kept(e: Entries, t: Tensor) -> Tensor:
+    """(B, K) per-slot tensor -> (nnz,) values of the kept slots."""
+    return t.reshape(-1) if e.keep is None else t[e.keep]
+
+
+def _scatter_kept(e: Entries, flat: Tensor, shape: torch.Size) -> Tensor:
+    """Inverse of `_kept`: (nnz,) -> (B, K) with zeros in padding slots."""
+    if e.keep is None:
+        return flat.view(shape)
+    out = flat.new_zeros(shape)
+    out[e.keep] = flat
+    return out
+
+
+def _sparse_rows_matmul(e: Entries, g: Tensor, x: Tensor, n_rows: int) -> Tensor:
+    """Return S^T x  (n_rows, d) where S (B, n_rows) has S[token_e, latent_e] = g_e (g: (nnz,))."""
+    order = stable_argsort(e.latent)  # stable: tokens stay ascending within each latent (CSR order)
+    rows = e.latent[order]
+    cols = e.token[order]
+    vals = g[order].to(x.dtype)
+    crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=rows.device)
     crow[1:] = torch.cumsum(torch.bincount(rows, minlength=n_rows), 0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
-        S_T = torch.sparse_csr_tensor(crow, cols, vals, size=(n_rows, B), check_invariants=False)
+        S_T = torch.sparse_csr_tensor(crow, cols, vals, size=(n_rows, x.shape[0]), check_invariants=False)
     return S_T @ x  # (n_rows, d)
 
 
 class GatherLinear(torch.autograd.Function):
-    """values = pre.gather(1, idx) where pre = (x_n - b_dec) @ W_enc + b_enc was computed without grad."""
+    """values = pre.gather(1, idx) (0 in padding slots) where pre = (x_n - b_dec) @ W_enc + b_enc was
+    computed without grad; the backward touches only the kept slots."""
 
     @staticmethod
-    def forward(ctx, x_n: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, pre: Tensor, idx: Tensor) -> Tensor:
-        ctx.save_for_backward(x_n, b_dec, W_enc, idx)
+    def forward(ctx, x_n: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, pre: Tensor, idx: Tensor, valid: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x_n, b_dec, W_enc, idx, valid)
         ctx.n_latents = W_enc.shape[1]
-        return pre.gather(1, idx).to(W_enc.dtype)  # (B, K)
+        out = pre.gather(1, idx).to(W_enc.dtype)  # (B, K)
+        return out if valid is None else out * valid
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        x_n, b_dec, W_enc, idx = ctx.saved_tensors
-        g = g.contiguous().to(W_enc.dtype)
+        x_n, b_dec, W_enc, idx, valid = ctx.saved_tensors
+        e = entries(idx, valid)
+        g = _kept(e, g.contiguous().to(W_enc.dtype))  # (nnz,)
         grad_x = grad_bdec = grad_W = grad_b = None
         need_b = ctx.needs_input_grad[3] or ctx.needs_input_grad[1]
         if need_b:
             grad_b = torch.zeros(ctx.n_latents, dtype=g.dtype, device=g.device)
-            grad_b.index_add_(0, idx.reshape(-1), g.reshape(-1))  # (F,)
+            grad_b.index_add_(0, e.latent, g)  # (F,)
         if ctx.needs_input_grad[1]:  # d/d b_dec of (x_n - b_dec) W_enc: only the column sums of g matter
             grad_bdec = -(W_enc @ grad_b)  # (d,)
         if ctx.needs_input_grad[0]:
-            grad_x = F.embedding_bag(idx, W_enc.t().contiguous(), per_sample_weights=g, mode="sum")  # (B, d)
+            grad_x = F.embedding_bag(e.latent, W_enc.t().contiguous(), e.offsets, per_sample_weights=g, mode="sum")  # (B, d)
         if ctx.needs_input_grad[2]:
             x_c = (x_n - b_dec).to(W_enc.dtype)
-            grad_W = _sparse_rows_matmul(idx, g, x_c, ctx.n_latents).t().contiguous()  # (d, F)
-        return grad_x, grad_bdec, grad_W, grad_b if ctx.needs_input_grad[3] else None, None, None
+            grad_W = _sparse_rows_matmul(e, g, x_c, ctx.n_latents).t().contiguous()  # (d, F)
+        return grad_x, grad_bdec, grad_W, grad_b if ctx.needs_input_grad[3] else None, None, None, None
 
 
-def gather_linear(x_n: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, pre: Tensor, idx: Tensor) -> Tensor:
-    return GatherLinear.apply(x_n, b_dec, W_enc, b_enc, pre, idx)
+def gather_linear(x_n: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, pre: Tensor, idx: Tensor, valid: Tensor | None = None) -> Tensor:
+    return GatherLinear.apply(x_n, b_dec, W_enc, b_enc, pre, idx, valid)
 
 
 class SparseDecode(torch.autograd.Function):
-    """x̂[b] = Σ_j values[b, j] W_dec[idx[b, j]]; backward without embedding_bag's internal torch.sort.
+    """x̂[b] = Σ_j values[b, j] W_dec[idx[b, j]] over kept slots; backward without embedding_bag's
+    internal torch.sort, and O(nnz) whatever the padding:
 
         dL/dW_dec  = S^T G          (sparse CSR matmul, S[b, idx[b, j]] = values[b, j])
-        dL/dvalues = <G[b], W_dec[idx[b, j]]>   (aten's per-sample-weights backward)
+        dL/dvalues = <G[b], W_dec[idx[b, j]]>   (aten's per-sample-weights backward; 0 in padding slots)
     """
 
     @staticmethod
-    def forward(ctx, values: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
-        B, K = idx.shape
-        flat = idx.reshape(-1)
-        offsets = torch.arange(0, B * K, K, device=idx.device)
-        out, offset2bag, _, _ = torch.ops.aten._embedding_bag(W_dec, flat, offsets, False, 0, False, values.reshape(-1), False, -1)
-        ctx.save_for_backward(values, idx, W_dec, offsets, offset2bag)
+    def forward(ctx, values: Tensor, idx: Tensor, W_dec: Tensor, valid: Tensor | None) -> Tensor:
+        e = entries(idx, valid)
+        weights = _kept(e, values)  # (nnz,)
+        out, offset2bag, _, _ = torch.ops.aten._embedding_bag(W_dec, e.latent, e.offsets, False, 0, False, weights, False, -1)
+        ctx.save_for_backward(weights, W_dec, offset2bag, *e[:3], *(() if valid is None else (valid,)))
+        ctx.values_shape = values.shape
         return out  # (B, d)
 
     @staticmethod
     def backward(ctx, go: Tensor):
-        values, idx, W_dec, offsets, offset2bag = ctx.saved_tensors
+        weights, W_dec, offset2bag, latent, token, offsets, *keep = ctx.saved_tensors
+        e = Entries(latent, token, offsets, keep[0] if keep else None)
         go = go.contiguous()
         grad_v = grad_W = None
         if ctx.needs_input_grad[0]:
-            grad_v = torch.ops.aten._embedding_bag_per_sample_weights_backward(go, W_dec, idx.reshape(-1), offsets, offset2bag, 0, -1).view_as(values)
+            flat = torch.ops.aten._embedding_bag_per_sample_weights_backward(go, W_dec, e.latent, e.offsets, offset2bag, 0, -1)
+            grad_v = _scatter_kept(e, flat, ctx.values_shape)
         if ctx.needs_input_grad[2]:
-            grad_W = _sparse_rows_matmul(idx, values.detach(), go, W_dec.shape[0])  # (F, d)
-        return grad_v, None, grad_W
+            grad_W = _sparse_rows_matmul(e, weights.detach(), go, W_dec.shape[0])  # (F, d)
+        return grad_v, None, grad_W, None
 
 
-def sparse_decode(values: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
-    """sum_j values[b, j] * W_dec[idx[b, j]]  -> (B, d)  (no bias)."""
+def sparse_decode(values: Tensor, idx: Tensor, W_dec: Tensor, valid: Tensor | None = None) -> Tensor:
+    """sum_j values[b, j] * W_dec[idx[b, j]] over slots with valid[b, j] (all when None) -> (B, d), no bias."""
     values = values.to(W_dec.dtype)
     if torch.is_grad_enabled() and (values.requires_grad or W_dec.requires_grad):
-        return SparseDecode.apply(values, idx, W_dec)
-    return F.embedding_bag(idx, W_dec, per_sample_weights=values, mode="sum")
+        return SparseDecode.apply(values, idx, W_dec, valid)
+    e = entries(idx, valid)
+    return F.embedding_bag(e.latent, W_dec, e.offsets, per_sample_weights=_kept(e, values), mode="sum")
 
 
 def pairs_to_padded(rows: Tensor, cols: Tensor, n_rows: int) -> tuple[Tensor, Tensor]:
@@ -142,19 +187,30 @@ def pairs_to_padded(rows: Tensor, cols: Tensor, n_rows: int) -> tuple[Tensor, Te
 def batch_topk_pairs(pre: Tensor, n: int, row_k: int) -> tuple[Tensor, Tensor]:
     """(rows, cols) of the n largest entries of pre (B, F), exactly as flattened topk would pick.
 
-    Fast path: a row can contribute at most c = min(F, 4*row_k) candidates first; the global
-    top-n over the B*c candidates is exact unless some row had all its c candidates selected
-    (then that row may hold more) - in that case fall back to a flat topk of the full matrix.
+    Fast path: each row first offers its top c = 2·row_k entries as candidates, and the global
+    top-n is taken over the candidates. A row that had some candidate left unpicked cannot hold
+    a larger entry outside its candidates, so only rows whose candidates were *all* picked
+    (saturated) may be missing entries: those rows alone offer twice as many and the selection
+    is redone, until no row is saturated (or a row offers all F entries).
     """
     B, Fw = pre.shape
     n = min(n, B * Fw)
-    c = min(Fw, max(1, 4 * row_k))
-    if c < Fw:
-        cand_v, cand_i = pre.topk(c, dim=1, sorted=False)  # (B, c)
-        top_v, top_flat = cand_v.reshape(-1).topk(n, sorted=False)  # (n,)
-        rows = top_flat // c
-        if int(torch.bincount(rows, minlength=B).max()) < c:
-            cols = cand_i.reshape(-1)[top_flat]
-            return rows, cols
-    _, flat = pre.reshape(-1).topk(n, sorted=False)
-    return flat // Fw, flat % Fw
+    c = min(Fw, max(1, 2 * row_k))
+    cand_v, cand_i = pre.topk(c, dim=1, sorted=False)  # (B, c)
+    rows = torch.arange(B, device=pre.device).repeat_interleave(c)  # (B·c,)
+    vals, cols = cand_v.reshape(-1), cand_i.reshape(-1)
+    offered = torch.full((B,), c, dtype=torch.int64, device=pre.device)  # candidates per row
+    while True:
+        _, top = vals.topk(n, sorted=False)  # (n,)
+        picked = torch.bincount(rows[top], minlength=B)  # (B,)
+        saturated = (picked >= offered) & (offered < Fw)
+        if not bool(saturated.any()):
+            return rows[top], cols[top]
+        grow = saturated.nonzero().squeeze(1)  # (S,)
+        c = min(Fw, 2 * int(offered[grow].max()))
+        more_v, more_i = pre[grow].topk(c, dim=1, sorted=False)  # (S, c)
+        keep = ~saturated[rows]
+        rows = torch.cat([rows[keep], grow.repeat_interleave(c)])
+        vals = torch.cat([vals[keep], more_v.reshape(-1)])
+        cols = torch.cat([cols[keep], more_i.reshape(-1)])
+        offered[grow] = c
