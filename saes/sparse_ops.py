@@ -75,7 +75,14 @@ def _scatter_kept(e: Entries, flat: Tensor, shape: torch.Size) -> Tensor:
 
 
 def _sparse_rows_matmul(e: Entries, g: Tensor, x: Tensor, n_rows: int) -> Tensor:
-    """Return S^T x  (n_rows, d) where S (B, n_rows) has S[token_e, latent_e] = g_e (g: (nnz,))."""
+    """Return S^T x  (n_rows, d) where S (B, n_rows) has S[token_e, latent_e] = g_e (g: (nnz,)).
+
+    Computed in float32 when x is half precision or under autocast (CPU sparse CSR matmul has no
+    bf16/fp16 kernel), returned in x's dtype.
+    """
+    out_dtype = x.dtype
+    if x.dtype in (torch.bfloat16, torch.float16):
+        x = x.float()
     order = stable_argsort(e.latent)  # stable: tokens stay ascending within each latent (CSR order)
     rows = e.latent[order]
     cols = e.token[order]
@@ -85,7 +92,8 @@ def _sparse_rows_matmul(e: Entries, g: Tensor, x: Tensor, n_rows: int) -> Tensor
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
         S_T = torch.sparse_csr_tensor(crow, cols, vals, size=(n_rows, x.shape[0]), check_invariants=False)
-    return S_T @ x  # (n_rows, d)
+    with torch.autocast(device_type=x.device.type, enabled=False):  # autocast would recast to bf16
+        return (S_T @ x).to(out_dtype)  # (n_rows, d)
 
 
 class GatherLinear(torch.autograd.Function):
