@@ -165,6 +165,43 @@ def cmd_eval(args: argparse.Namespace) -> None:
     _print_metrics(trained)
 
 
+def cmd_analyze(args: argparse.Namespace) -> None:
+    from workbench.analysis import analyze, resolve_sae
+    from workbench.workspace import Workspace
+
+    with Workspace(args.db) as ws:
+        record = resolve_sae(ws, args.sae)
+        model = None if args.no_logits else _model_for_run(ws, record.hook, record.run_id, args.device)
+        summary = analyze(ws, record.sae_id, model=model, batch_contexts=args.batch)
+    print(f"sae {summary.sae_id}: {summary.n_tokens:,} tokens, {summary.n_nonzeros:,} nonzeros stored, "
+          f"{summary.live_features} live features"
+          + (f" (resumed after {summary.resumed_from} contexts)" if summary.resumed_from else ""))
+
+
+def serve_app(db: Path, port: int, address: str = "127.0.0.1") -> int:
+    """Run the Streamlit app on ``address:port`` for workspace ``db`` until interrupted."""
+    import os
+    import subprocess
+
+    import app
+
+    from workbench.workspace import Workspace
+
+    Workspace(db, read_only=True).close()  # a clear error now beats a broken page later
+    home = Path(app.__file__).with_name("Home.py")
+    env = dict(os.environ, WORKBENCH_DB=str(db.expanduser().resolve()))
+    print(f"serving the workbench for {db} on http://{address}:{port}", file=sys.stderr)
+    return subprocess.call(
+        [sys.executable, "-m", "streamlit", "run", str(home), "--server.address", address, "--server.port", str(port),
+         "--server.headless", "true", "--browser.gatherUsageStats", "false"],
+        env=env,
+    )
+
+
+def cmd_app(args: argparse.Namespace) -> None:
+    serve_app(args.db, args.port, args.address)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     import saes
     from workbench.training import train_sae
@@ -185,8 +222,17 @@ def cmd_demo(args: argparse.Namespace) -> None:
                                          checkpoint_every=20)
             fields = dict(arch=DEMO_SAE["arch"], width=DEMO_SAE["width"], k=DEMO_SAE["k"])
             train_sae(ws, DEMO["hook"], fields, train_cfg, name=DEMO_SAE["name"], model=model)
+        analysed = ws.query(
+            "SELECT count(*) FROM analyses a JOIN saes s USING (sae_id) WHERE s.name = ? AND a.status = 'done'", [DEMO_SAE["name"]]
+        )[0][0]
+        if not analysed:
+            from workbench.analysis import analyze
+
+            analyze(ws, DEMO_SAE["name"], model=_model_for_run(ws, DEMO["hook"], None, args.device))
     with Workspace(db, read_only=True) as ws:
         print(workspace_summary(ws))
+    if not args.no_serve:
+        serve_app(db, args.port)
 
 
 # -- parser -------------------------------------------------------------------------------
@@ -257,6 +303,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-downstream", action="store_true")
     p.add_argument("--device", default=None)
 
+    p = add("analyze", cmd_analyze, "store every nonzero latent of an SAE over the cache, plus per-feature statistics (resumable)")
+    p.add_argument("--db", type=Path, required=True)
+    p.add_argument("--sae", required=True, help="SAE name or id in the workspace (see `workbench info`)")
+    p.add_argument("--batch", type=_integer, default=64, help="contexts per committed transaction")
+    p.add_argument("--no-logits", action="store_true", help="skip logit effects (no model load)")
+    p.add_argument("--device", default=None)
+
+    p = add("app", cmd_app, "serve the feature browser (Streamlit) for a workspace")
+    p.add_argument("--db", type=Path, default=DEFAULT_DB)
+    p.add_argument("--port", type=_integer, default=8501)
+    p.add_argument("--address", default="127.0.0.1", help="bind address (default: this machine only)")
+
     p = add("info", cmd_info, "summarise a workspace: runs, cached hooks, tokens per domain")
     p.add_argument("--db", type=Path, required=True)
 
@@ -265,9 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--hook", action="append", help="only these hooks (default: all)")
 
-    p = add("demo", cmd_demo, "build the default workspace if missing (cache, TopK SAE) and summarise it")
+    p = add("demo", cmd_demo, "build the default workspace if missing (cache, TopK SAE, analysis) and serve the app")
     p.add_argument("--db", type=Path, default=DEFAULT_DB)
     p.add_argument("--device", default=None)
+    p.add_argument("--port", type=_integer, default=8501)
+    p.add_argument("--no-serve", action="store_true", help="build and summarise only")
     return parser
 
 

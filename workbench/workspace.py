@@ -17,6 +17,15 @@ Version 2 adds the dictionaries trained or loaded on a cached hook::
     saes(sae_id, name, run_id, hook, arch, d_in, width, k, path, config, status, metrics, ...)
     training_log(sae_id, step, tokens, metrics)                metrics: JSON of the trainer's log line
 
+Version 3 adds the sparse feature store and what the feature browser reads::
+
+    analyses(sae_id, n_contexts, contexts_done, n_tokens, status)     progress of `workbench analyze`
+    feature_acts(sae_id, context_id, position, feature, value)       every nonzero latent, in context order
+    feature_stats(sae_id, feature, n_fired, density, mean_value, max_value, hist_counts)
+    feature_examples(sae_id, feature, band, rank, context_id, position, value)   band -1: top examples
+    feature_logits(sae_id, feature, rank, token_id, effect)           rank > 0 promoted, < 0 suppressed
+    feature_related(sae_id, feature, other, cosine, cooccurrence)      decoder neighbours with Jaccard
+
 Activations are stored one row per (hook, context) as a raw little-endian blob of 2-byte floats:
 DuckDB has no 16-bit float type, and whole contexts are what every reader (training, analysis)
 consumes. Every write goes through ``transaction()``, so a crash leaves only whole batches.
@@ -33,7 +42,7 @@ import duckdb
 
 from workbench.errors import WorkbenchError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Migration N takes a workspace from version N-1 to N. Append, never edit.
 MIGRATIONS: dict[int, str] = {
@@ -125,6 +134,58 @@ MIGRATIONS: dict[int, str] = {
         metrics JSON NOT NULL,
         PRIMARY KEY (sae_id, step)
     );
+    """,
+    3: """
+    CREATE TABLE analyses (
+        sae_id        INTEGER PRIMARY KEY,
+        n_contexts    INTEGER NOT NULL,
+        contexts_done INTEGER NOT NULL,
+        n_tokens      BIGINT NOT NULL,
+        status        VARCHAR NOT NULL
+    );
+    CREATE TABLE feature_acts (
+        sae_id     INTEGER NOT NULL,
+        context_id BIGINT NOT NULL,
+        position   SMALLINT NOT NULL,
+        feature    INTEGER NOT NULL,
+        value      REAL NOT NULL
+    );
+    CREATE TABLE feature_stats (
+        sae_id      INTEGER NOT NULL,
+        feature     INTEGER NOT NULL,
+        n_fired     BIGINT NOT NULL,
+        density     DOUBLE NOT NULL,
+        mean_value  DOUBLE,
+        max_value   DOUBLE,
+        hist_counts BIGINT[],
+        PRIMARY KEY (sae_id, feature)
+    );
+    CREATE TABLE feature_examples (
+        sae_id     INTEGER NOT NULL,
+        feature    INTEGER NOT NULL,
+        band       SMALLINT NOT NULL,
+        rank       SMALLINT NOT NULL,
+        context_id BIGINT NOT NULL,
+        position   SMALLINT NOT NULL,
+        value      REAL NOT NULL
+    );
+    CREATE INDEX feature_examples_by_feature ON feature_examples (sae_id, feature);
+    CREATE TABLE feature_logits (
+        sae_id   INTEGER NOT NULL,
+        feature  INTEGER NOT NULL,
+        rank     SMALLINT NOT NULL,
+        token_id INTEGER NOT NULL,
+        effect   REAL NOT NULL
+    );
+    CREATE INDEX feature_logits_by_feature ON feature_logits (sae_id, feature);
+    CREATE TABLE feature_related (
+        sae_id       INTEGER NOT NULL,
+        feature      INTEGER NOT NULL,
+        other        INTEGER NOT NULL,
+        cosine       REAL NOT NULL,
+        cooccurrence REAL NOT NULL
+    );
+    CREATE INDEX feature_related_by_feature ON feature_related (sae_id, feature);
     """,
 }
 

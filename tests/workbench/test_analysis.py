@@ -1,0 +1,165 @@
+"""`workbench analyze` and the feature query API against naive recomputations."""
+
+import re
+
+import pytest
+import torch
+
+import saes
+from workbench import analysis, features
+from workbench.activations import context_ids, read_contexts
+from workbench.cli import main
+from workbench.workspace import Workspace
+
+HOOK = "blocks.1.hook_resid_post"
+
+
+@pytest.fixture(scope="module")
+def analysed(tmp_path_factory):
+    db = tmp_path_factory.mktemp("analysis") / "ws.duckdb"
+    assert main(["cache", "--model", "tiny-llama", "--hook", HOOK, "--tokens", "6400", "--ctx", "64", "--db", str(db)]) == 0
+    assert main(["train", "--db", str(db), "--hook", HOOK, "--width", "96", "--k", "4", "--tokens", "16384",
+                 "--batch-size", "512", "--no-downstream", "--name", "tiny"]) == 0
+    assert main(["analyze", "--db", str(db), "--sae", "tiny", "--batch", "16"]) == 0
+    return db
+
+
+@pytest.fixture(scope="module")
+def dense(analysed):
+    """Naive reference: every cached token (BOS left out) encoded at once: [contexts, L-1, width]."""
+    with Workspace(analysed, read_only=True) as ws:
+        record = analysis.resolve_sae(ws, "tiny")
+        acts = read_contexts(ws, HOOK, context_ids(ws, HOOK))[:, 1:]
+    sae = saes.load_sae(record.path)
+    with torch.no_grad():
+        return sae, sae.encode(acts.reshape(-1, 64)).view(acts.shape[0], acts.shape[1], -1)
+
+
+def test_store_holds_exactly_the_nonzeros(analysed, dense):
+    _, z = dense
+    with Workspace(analysed, read_only=True) as ws:
+        ids = context_ids(ws, HOOK)
+        rows = ws.query("SELECT context_id, position, feature, value FROM feature_acts")
+    stored = torch.zeros_like(z)
+    index = {cid: i for i, cid in enumerate(ids)}
+    for cid, pos, f, v in rows:
+        stored[index[cid], pos - 1, f] = v
+    assert len(rows) == int((z != 0).sum())
+    torch.testing.assert_close(stored, z)
+
+
+def test_statistics_and_examples_match_the_dense_reference(analysed, dense):
+    _, z = dense
+    flat = z.reshape(-1, z.shape[-1])
+    with Workspace(analysed, read_only=True) as ws:
+        record = analysis.resolve_sae(ws, "tiny")
+        feature = int((flat > 0).sum(0).argmax())
+        summary = features.feature_summary(ws, record, feature)
+        top = features.examples(ws, record, feature, band=-1, limit=20)
+        bands = features.examples(ws, record, feature, band=None, limit=500)
+    fired = flat[:, feature][flat[:, feature] > 0]
+    assert summary["n_fired"] == fired.numel()
+    assert summary["density"] == pytest.approx(fired.numel() / flat.shape[0])
+    assert summary["max"] == pytest.approx(float(fired.max())) and summary["mean"] == pytest.approx(float(fired.mean()), rel=1e-5)
+    assert sum(summary["hist_counts"]) == fired.numel()
+    assert [e.value for e in top] == pytest.approx(fired.sort(descending=True).values[:20].tolist())
+    assert all(e.values[e.focus] == pytest.approx(e.value) for e in top)
+    for e in bands:
+        if e.band >= 0:
+            low, high = e.band * summary["max"] / 10, (e.band + 1) * summary["max"] / 10
+            assert low - 1e-6 <= e.value <= high + 1e-6
+
+
+def test_logit_effects_and_related_features(analysed, dense, tiny):
+    sae, z = dense
+    directions = torch.nn.functional.normalize(sae.W_dec.detach(), dim=1)
+    hf = tiny.model.original_model
+    effects = (directions * hf.model.norm.weight.detach()) @ hf.get_output_embeddings().weight.detach().T
+    feature = 7
+    with Workspace(analysed, read_only=True) as ws:
+        record = analysis.resolve_sae(ws, "tiny")
+        logits = ws.query("SELECT token_id, effect FROM feature_logits WHERE feature = ? AND rank > 0 ORDER BY rank", [feature])
+        related = features.related_features(ws, record, feature)
+    assert [t for t, _ in logits] == effects[feature].topk(10).indices.tolist()
+    cosine = directions @ directions[feature]
+    cosine[feature] = -2
+    assert [r["feature"] for r in related] == cosine.topk(5).indices.tolist()
+    fires = (z.reshape(-1, z.shape[-1]) > 0)
+    g = related[0]["feature"]
+    both, either = (fires[:, feature] & fires[:, g]).sum(), (fires[:, feature] | fires[:, g]).sum()
+    assert related[0]["cooccurrence"] == pytest.approx(float(both) / max(1, float(either)))
+
+
+def test_search_by_pattern_scores_precision_and_recall(analysed, dense):
+    _, z = dense
+    with Workspace(analysed, read_only=True) as ws:
+        record = analysis.resolve_sae(ws, "tiny")
+        ids = context_ids(ws, HOOK)
+        tokens = ws.query(
+            """SELECT v.token FROM tokens t JOIN vocab v ON v.token_id = t.token_id
+               WHERE t.context_id IN (SELECT unnest(?::BIGINT[])) AND t.position > 0 ORDER BY t.context_id, t.position""",
+            [ids],
+        )
+        results = features.search_by_pattern(ws, record, r"^\s*def$")
+    matches = torch.tensor([bool(re.search(r"^\s*def$", t)) for (t,) in tokens])
+    fires = z.reshape(-1, z.shape[-1]) > 0
+    best = results[0]
+    hit = (fires[:, best["feature"]] & matches).sum()
+    assert best["precision"] == pytest.approx(float(hit / fires[:, best["feature"]].sum()))
+    assert best["recall"] == pytest.approx(float(hit / matches.sum()))
+    assert results == sorted(results, key=lambda r: -r["f1"])
+
+
+def test_analysis_resumes_after_a_crash(analysed, monkeypatch, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy.duckdb"
+    shutil.copy(analysed, copy)
+    with Workspace(copy) as ws:
+        ws.con.execute("DELETE FROM analyses; DELETE FROM feature_acts")
+        calls = {"n": 0}
+        real = analysis.read_contexts
+
+        def crash_on_third(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(analysis, "read_contexts", crash_on_third)
+        with pytest.raises(KeyboardInterrupt):
+            analysis.analyze(ws, "tiny", batch_contexts=16, progress=False)
+        assert ws.query("SELECT contexts_done, status FROM analyses") == [(32, "running")]
+        monkeypatch.setattr(analysis, "read_contexts", real)
+        summary = analysis.analyze(ws, "tiny", batch_contexts=16, progress=False)
+        assert summary.resumed_from == 32
+        resumed = ws.query("SELECT * FROM feature_acts ORDER BY context_id, position, feature")
+    with Workspace(analysed, read_only=True) as ws:
+        assert resumed == ws.query("SELECT * FROM feature_acts ORDER BY context_id, position, feature")
+
+
+def test_prompt_inspector_truncates_long_prompts(analysed, dense, tiny):
+    sae, _ = dense
+    out = features.features_for_prompt(tiny, sae, HOOK, "hello world " * 400, top=3)
+    assert out["truncated"] and len(out["tokens"]) == 511 and len(out["features"][0]) == 3
+
+
+@pytest.mark.parametrize(
+    "call, expected",
+    [
+        (lambda ws, r: features.feature_summary(ws, r, 96), "valid ids are 0..95"),
+        (lambda ws, r: features.search_by_pattern(ws, r, "(["), "invalid regular expression"),
+        (lambda ws, r: analysis.resolve_sae(ws, "nope"), "available: 1:tiny"),
+    ],
+)
+def test_bad_queries_are_one_line_errors(analysed, call, expected):
+    with Workspace(analysed, read_only=True) as ws:
+        record = analysis.resolve_sae(ws, "tiny")
+        with pytest.raises(analysis.AnalysisError) as err:
+            call(ws, record)
+    assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_analyze_cli_rejects_an_unknown_sae(analysed, capsys):
+    assert main(["analyze", "--db", str(analysed), "--sae", "nope", "--no-logits"]) == 2
+    assert "no SAE 'nope'" in capsys.readouterr().err

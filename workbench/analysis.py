@@ -1,0 +1,268 @@
+"""Fill the sparse feature store and the per-feature statistics the browser reads.
+
+For an SAE (or codebook) trained on a cached hook, every cached token at positions ≥ 1 is
+encoded in the dictionary's batch-independent inference form, z = encode(x), and every nonzero
+z_f is stored as a row (sae, context, position, feature, value). Rows are written in context
+order, one transaction per batch of contexts together with the progress counter, so a killed
+``workbench analyze`` resumes after the last committed batch.
+
+Then, from those rows (one transaction, recomputed whole on every finish):
+- density_f = #{tokens with z_f > 0} / #tokens, mean and max of z_f where it fires, and a
+  ``HIST_BINS``-bin histogram of z_f over (0, max_f];
+- top examples (the ``N_TOP`` largest z_f) and quantile examples: (0, max_f] cut into
+  ``N_BANDS`` equal bands, up to ``PER_BAND`` tokens per band, chosen by a fixed hash so
+  reruns pick the same ones;
+- logit effects: the unit decoder direction d_f scaled by the final norm's weight γ and read by
+  the unembedding, (d_f ⊙ γ) W_U — the ``N_LOGITS`` most promoted and most suppressed tokens
+  (the norm's input-dependent scale is left out, as usual for direct logit effects);
+- related features: the ``N_RELATED`` nearest decoder directions by cosine, with their
+  co-occurrence Jaccard |A_f ∩ A_g| / |A_f ∪ A_g| over the analysed tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from tqdm.auto import tqdm
+
+import saes
+from workbench.activations import context_ids, read_contexts
+from workbench.caching import insert_arrow
+from workbench.errors import WorkbenchError
+from workbench.workspace import Workspace, fetch_one
+
+HIST_BINS, N_TOP, N_BANDS, PER_BAND, N_LOGITS, N_RELATED = 30, 20, 10, 5, 10, 5
+
+
+class AnalysisError(WorkbenchError):
+    """An SAE or feature the workspace does not have."""
+
+
+@dataclass(frozen=True)
+class SAERecord:
+    sae_id: int
+    name: str
+    run_id: int
+    hook: str
+    arch: str
+    width: int
+    d_in: int
+    path: Path
+
+
+def resolve_sae(ws: Workspace, ref: str | int) -> SAERecord:
+    """An SAE of the workspace by name or id; the error lists the available ones."""
+    rows = ws.query(
+        "SELECT sae_id, name, run_id, hook, arch, width, d_in, path FROM saes WHERE status = 'done' AND (name = ? OR CAST(sae_id AS VARCHAR) = ?)",
+        [str(ref), str(ref)],
+    )
+    if not rows:
+        names = [f"{i}:{n}" for i, n in ws.query("SELECT sae_id, name FROM saes WHERE status = 'done' ORDER BY sae_id")]
+        listing = ", ".join(names) if names else "none: train one with `workbench train`"
+        raise AnalysisError(f"no SAE '{ref}' in {ws.path.name}; available: {listing}")
+    sae_id, name, run_id, hook, arch, width, d_in, path = rows[0]
+    return SAERecord(int(sae_id), name, int(run_id), hook, arch, int(width), int(d_in), Path(path))
+
+
+def decoder_directions(sae: torch.nn.Module) -> torch.Tensor:
+    """Unit-norm dictionary directions in the model's space: [width, d]."""
+    weights = sae.W_dec if hasattr(sae, "W_dec") else sae.codebook
+    return torch.nn.functional.normalize(weights.detach().float(), dim=1)
+
+
+@dataclass(frozen=True)
+class AnalysisSummary:
+    sae_id: int
+    n_tokens: int
+    n_nonzeros: int
+    resumed_from: int
+    live_features: int
+
+
+def analyze(ws: Workspace, sae_ref: str | int, *, model=None, batch_contexts: int = 64, progress: bool = True) -> AnalysisSummary:
+    """Encode every cached token of the SAE's hook and store nonzeros and statistics (resumable).
+
+    ``model`` (the run's ``LoadedModel``) is needed for logit effects; without it they are skipped.
+    """
+    record = resolve_sae(ws, sae_ref)
+    sae = saes.load_sae(record.path, expected_d_in=record.d_in)
+    sae.eval()
+    ids = context_ids(ws, record.hook, run_id=record.run_id, split="all")
+    if not ids:
+        raise AnalysisError(f"hook '{record.hook}' of run {record.run_id} has no cached contexts")
+    ctx_len = int(fetch_one(ws.con, "SELECT ctx_len FROM runs WHERE run_id = ?", [record.run_id])[0])
+    with ws.transaction() as con:
+        row = fetch_one(con, "SELECT contexts_done, n_contexts FROM analyses WHERE sae_id = ?", [record.sae_id])
+        if row is None or row[1] != len(ids):  # new, or the cache grew since: start over
+            con.execute("DELETE FROM feature_acts WHERE sae_id = ?", [record.sae_id])
+            con.execute("DELETE FROM analyses WHERE sae_id = ?", [record.sae_id])
+            con.execute("INSERT INTO analyses VALUES (?, ?, 0, ?, 'running')", [record.sae_id, len(ids), len(ids) * (ctx_len - 1)])
+            done = 0
+        else:
+            done = int(row[0])
+
+    bar = tqdm(total=len(ids) * (ctx_len - 1), initial=done * (ctx_len - 1), unit="tok", unit_scale=True,
+               desc=f"analysing sae {record.sae_id}", disable=not progress, dynamic_ncols=True)
+    with bar:
+        for start in range(done, len(ids), batch_contexts):
+            chunk = ids[start : start + batch_contexts]
+            acts = read_contexts(ws, record.hook, chunk, run_id=record.run_id)[:, 1:]  # [n, L-1, d], BOS left out
+            with torch.no_grad():
+                z = sae.encode(acts.reshape(-1, acts.shape[-1]))  # [n·(L-1), width]
+            token, feature = z.nonzero(as_tuple=True)
+            rows = pa.table({
+                "sae_id": np.full(token.numel(), record.sae_id, np.int32),
+                "context_id": np.asarray(chunk, np.int64)[(token // (ctx_len - 1)).numpy()],
+                "position": (token % (ctx_len - 1) + 1).numpy().astype(np.int16),
+                "feature": feature.numpy().astype(np.int32),
+                "value": z[token, feature].numpy().astype(np.float32),
+            })
+            with ws.transaction() as con:
+                insert_arrow(con, "feature_acts", rows)
+                con.execute("UPDATE analyses SET contexts_done = ? WHERE sae_id = ?", [start + len(chunk), record.sae_id])
+            bar.update(len(chunk) * (ctx_len - 1))
+
+    n_tokens = len(ids) * (ctx_len - 1)
+    with ws.transaction() as con:
+        _store_statistics(con, record, n_tokens)
+        _store_related(con, record, decoder_directions(sae))
+        if model is not None:
+            _store_logit_effects(con, record, decoder_directions(sae), model)
+        con.execute("UPDATE analyses SET status = 'done' WHERE sae_id = ?", [record.sae_id])
+    n_nonzeros, live = fetch_one(
+        ws.con, "SELECT sum(n_fired), count(*) FILTER (WHERE n_fired > 0) FROM feature_stats WHERE sae_id = ?", [record.sae_id]
+    )
+    return AnalysisSummary(record.sae_id, n_tokens, int(n_nonzeros or 0), done, int(live))
+
+
+def _store_statistics(con, record: SAERecord, n_tokens: int) -> None:
+    sae_id = record.sae_id
+    for table in ("feature_stats", "feature_examples"):
+        con.execute(f"DELETE FROM {table} WHERE sae_id = ?", [sae_id])
+    aggregates = con.execute(
+        "SELECT feature, count(*), avg(value), max(value) FROM feature_acts WHERE sae_id = ? GROUP BY feature", [sae_id]
+    ).fetchall()
+    n_fired = np.zeros(record.width, np.int64)
+    mean = np.full(record.width, np.nan)
+    peak = np.full(record.width, np.nan)
+    for feature, count, avg, mx in aggregates:
+        n_fired[feature], mean[feature], peak[feature] = count, avg, mx
+    hist = np.zeros((record.width, HIST_BINS), np.int64)
+    for feature, b, count in con.execute(
+        f"""SELECT a.feature, least({HIST_BINS - 1}, floor(a.value / m.mx * {HIST_BINS}))::INTEGER, count(*)
+            FROM feature_acts a JOIN (SELECT feature, max(value) mx FROM feature_acts WHERE sae_id = ? GROUP BY feature) m
+            USING (feature) WHERE a.sae_id = ? GROUP BY ALL""",
+        [sae_id, sae_id],
+    ).fetchall():
+        hist[feature, b] = count
+    insert_arrow(con, "feature_stats", pa.table({
+        "sae_id": np.full(record.width, sae_id, np.int32),
+        "feature": np.arange(record.width, dtype=np.int32),
+        "n_fired": n_fired,
+        "density": n_fired / max(1, n_tokens),
+        "mean_value": pa.array(mean, from_pandas=True),
+        "max_value": pa.array(peak, from_pandas=True),
+        "hist_counts": pa.array(list(hist)),
+    }))
+    con.execute(
+        f"""INSERT INTO feature_examples
+            SELECT ?, feature, -1, rn, context_id, position, value FROM (
+                SELECT feature, context_id, position, value,
+                       row_number() OVER (PARTITION BY feature ORDER BY value DESC, context_id, position) AS rn
+                FROM feature_acts WHERE sae_id = ?)
+            WHERE rn <= {N_TOP}""",
+        [sae_id, sae_id],
+    )
+    con.execute(
+        f"""INSERT INTO feature_examples
+            SELECT ?, feature, band, rn, context_id, position, value FROM (
+                SELECT *, row_number() OVER (PARTITION BY feature, band ORDER BY hash(context_id, position)) AS rn FROM (
+                    SELECT a.feature, least({N_BANDS - 1}, floor(a.value / s.max_value * {N_BANDS}))::SMALLINT AS band,
+                           a.context_id, a.position, a.value
+                    FROM feature_acts a JOIN feature_stats s ON s.sae_id = a.sae_id AND s.feature = a.feature
+                    WHERE a.sae_id = ?))
+            WHERE rn <= {PER_BAND}""",
+        [sae_id, sae_id],
+    )
+
+
+def _store_related(con, record: SAERecord, directions: torch.Tensor) -> None:
+    """Nearest decoder directions, with co-occurrence Jaccard computed in SQL over the stored rows."""
+    con.execute("DELETE FROM feature_related WHERE sae_id = ?", [record.sae_id])
+    k = min(N_RELATED, record.width - 1)
+    if k <= 0:
+        return
+    features, others, cosines = [], [], []
+    for start in range(0, record.width, 1024):
+        block = directions[start : start + 1024] @ directions.T  # [b, width]
+        block[torch.arange(block.shape[0]), torch.arange(start, start + block.shape[0])] = -2.0  # not itself
+        top = block.topk(k, dim=1)
+        features.append(torch.arange(start, start + block.shape[0]).repeat_interleave(k))
+        others.append(top.indices.reshape(-1))
+        cosines.append(top.values.reshape(-1))
+    pairs = pa.table({"feature": torch.cat(features).numpy().astype(np.int32),
+                      "other": torch.cat(others).numpy().astype(np.int32),
+                      "cosine": torch.cat(cosines).numpy().astype(np.float32)})
+    con.register("_pairs", pairs)
+    try:
+        con.execute(
+            """INSERT INTO feature_related
+               SELECT ?, p.feature, p.other, p.cosine,
+                      coalesce(both_.n / nullif(sf.n_fired + so.n_fired - both_.n, 0), 0.0)
+               FROM _pairs p
+               JOIN feature_stats sf ON sf.sae_id = ? AND sf.feature = p.feature
+               JOIN feature_stats so ON so.sae_id = ? AND so.feature = p.other
+               LEFT JOIN (
+                   SELECT p.feature, p.other, count(*)::DOUBLE AS n
+                   FROM _pairs p
+                   JOIN feature_acts a ON a.sae_id = ? AND a.feature = p.feature
+                   JOIN feature_acts b ON b.sae_id = ? AND b.feature = p.other
+                                      AND b.context_id = a.context_id AND b.position = a.position
+                   GROUP BY ALL
+               ) both_ ON both_.feature = p.feature AND both_.other = p.other""",
+            [record.sae_id] * 5,
+        )
+    finally:
+        con.unregister("_pairs")
+
+
+def unembedding(model) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W_U [vocab, d], final-norm weight γ [d]) of a Hugging Face causal LM under the bridge."""
+    hf = model.original_model
+    w_u = hf.get_output_embeddings().weight.detach().float()
+    norm = getattr(getattr(hf, "model", hf), "norm", None)
+    gamma = norm.weight.detach().float() if norm is not None and getattr(norm, "weight", None) is not None else torch.ones(w_u.shape[1])
+    return w_u, gamma
+
+
+def logit_effects(directions: torch.Tensor, model) -> torch.Tensor:
+    """(d_f ⊙ γ) W_Uᵀ for a block of directions: [n, vocab]."""
+    w_u, gamma = unembedding(model)
+    return (directions * gamma) @ w_u.T
+
+
+def _store_logit_effects(con, record: SAERecord, directions: torch.Tensor, loaded) -> None:
+    con.execute("DELETE FROM feature_logits WHERE sae_id = ?", [record.sae_id])
+    rows = {"feature": [], "rank": [], "token_id": [], "effect": []}
+    for start in range(0, record.width, 512):
+        effects = logit_effects(directions[start : start + 512], loaded.model)  # [b, vocab]
+        for sign in (1, -1):
+            top = (sign * effects).topk(N_LOGITS, dim=1)
+            n = top.indices.shape[0]
+            rows["feature"].append(torch.arange(start, start + n).repeat_interleave(N_LOGITS))
+            rows["rank"].append((sign * torch.arange(1, N_LOGITS + 1)).repeat(n))
+            rows["token_id"].append(top.indices.reshape(-1))
+            rows["effect"].append(sign * top.values.reshape(-1))
+    columns = {key: torch.cat(parts).numpy() for key, parts in rows.items()}
+    insert_arrow(con, "feature_logits", pa.table({
+        "sae_id": np.full(columns["feature"].shape[0], record.sae_id, np.int32),
+        "feature": columns["feature"].astype(np.int32),
+        "rank": columns["rank"].astype(np.int16),
+        "token_id": columns["token_id"].astype(np.int32),
+        "effect": columns["effect"].astype(np.float32),
+    }))
+
