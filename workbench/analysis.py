@@ -129,7 +129,7 @@ def analyze(ws: Workspace, sae_ref: str | int, *, model=None, batch_contexts: in
     n_tokens = len(ids) * (ctx_len - 1)
     with ws.transaction() as con:
         _store_statistics(con, record, n_tokens)
-        _store_related(con, record, decoder_directions(sae))
+        _store_related(con, record, decoder_directions(sae), ids, ctx_len)
         if model is not None:
             _store_logit_effects(con, record, decoder_directions(sae), model)
         con.execute("UPDATE analyses SET status = 'done' WHERE sae_id = ?", [record.sae_id])
@@ -168,30 +168,38 @@ def _store_statistics(con, record: SAERecord, n_tokens: int) -> None:
         "max_value": pa.array(peak, from_pandas=True),
         "hist_counts": pa.array(list(hist)),
     }))
-    con.execute(
-        f"""INSERT INTO feature_examples
-            SELECT ?, feature, -1, rn, context_id, position, value FROM (
-                SELECT feature, context_id, position, value,
-                       row_number() OVER (PARTITION BY feature ORDER BY value DESC, context_id, position) AS rn
-                FROM feature_acts WHERE sae_id = ?)
-            WHERE rn <= {N_TOP}""",
-        [sae_id, sae_id],
-    )
-    con.execute(
-        f"""INSERT INTO feature_examples
-            SELECT ?, feature, band, rn, context_id, position, value FROM (
-                SELECT *, row_number() OVER (PARTITION BY feature, band ORDER BY hash(context_id, position)) AS rn FROM (
-                    SELECT a.feature, least({N_BANDS - 1}, floor(a.value / s.max_value * {N_BANDS}))::SMALLINT AS band,
-                           a.context_id, a.position, a.value
-                    FROM feature_acts a JOIN feature_stats s ON s.sae_id = a.sae_id AND s.feature = a.feature
-                    WHERE a.sae_id = ?))
-            WHERE rn <= {PER_BAND}""",
-        [sae_id, sae_id],
-    )
+    # Top-n aggregates keep n rows per group in memory, unlike a window sort over every nonzero.
+    top = con.execute(
+        f"""SELECT feature, -1, max_by({{'c': context_id, 'p': position, 'v': value}}, value, {N_TOP})
+            FROM feature_acts WHERE sae_id = ? GROUP BY feature""",
+        [sae_id],
+    ).fetchall()
+    banded = con.execute(
+        f"""SELECT a.feature, least({N_BANDS - 1}, floor(a.value / s.max_value * {N_BANDS}))::SMALLINT AS band,
+                   min_by({{'c': a.context_id, 'p': a.position, 'v': a.value}}, hash(a.context_id, a.position), {PER_BAND})
+            FROM feature_acts a JOIN feature_stats s ON s.sae_id = a.sae_id AND s.feature = a.feature
+            WHERE a.sae_id = ? GROUP BY ALL""",
+        [sae_id],
+    ).fetchall()
+    columns = {"feature": [], "band": [], "rank": [], "context_id": [], "position": [], "value": []}
+    for feature, band, picked in top + banded:
+        for rank, example in enumerate(picked, start=1):
+            for key, value in (("feature", feature), ("band", band), ("rank", rank), ("context_id", example["c"]),
+                               ("position", example["p"]), ("value", example["v"])):
+                columns[key].append(value)
+    insert_arrow(con, "feature_examples", pa.table({
+        "sae_id": np.full(len(columns["feature"]), sae_id, np.int32),
+        "feature": np.array(columns["feature"], np.int32),
+        "band": np.array(columns["band"], np.int16),
+        "rank": np.array(columns["rank"], np.int16),
+        "context_id": np.array(columns["context_id"], np.int64),
+        "position": np.array(columns["position"], np.int16),
+        "value": np.array(columns["value"], np.float32),
+    }))
 
 
-def _store_related(con, record: SAERecord, directions: torch.Tensor) -> None:
-    """Nearest decoder directions, with co-occurrence Jaccard computed in SQL over the stored rows."""
+def _store_related(con, record: SAERecord, directions: torch.Tensor, context_ids_: list[int], ctx_len: int) -> None:
+    """Nearest decoder directions, with co-occurrence Jaccard from one streaming pass over the store."""
     con.execute("DELETE FROM feature_related WHERE sae_id = ?", [record.sae_id])
     k = min(N_RELATED, record.width - 1)
     if k <= 0:
@@ -204,30 +212,34 @@ def _store_related(con, record: SAERecord, directions: torch.Tensor) -> None:
         features.append(torch.arange(start, start + block.shape[0]).repeat_interleave(k))
         others.append(top.indices.reshape(-1))
         cosines.append(top.values.reshape(-1))
-    pairs = pa.table({"feature": torch.cat(features).numpy().astype(np.int32),
-                      "other": torch.cat(others).numpy().astype(np.int32),
-                      "cosine": torch.cat(cosines).numpy().astype(np.float32)})
-    con.register("_pairs", pairs)
-    try:
-        con.execute(
-            """INSERT INTO feature_related
-               SELECT ?, p.feature, p.other, p.cosine,
-                      coalesce(both_.n / nullif(sf.n_fired + so.n_fired - both_.n, 0), 0.0)
-               FROM _pairs p
-               JOIN feature_stats sf ON sf.sae_id = ? AND sf.feature = p.feature
-               JOIN feature_stats so ON so.sae_id = ? AND so.feature = p.other
-               LEFT JOIN (
-                   SELECT p.feature, p.other, count(*)::DOUBLE AS n
-                   FROM _pairs p
-                   JOIN feature_acts a ON a.sae_id = ? AND a.feature = p.feature
-                   JOIN feature_acts b ON b.sae_id = ? AND b.feature = p.other
-                                      AND b.context_id = a.context_id AND b.position = a.position
-                   GROUP BY ALL
-               ) both_ ON both_.feature = p.feature AND both_.other = p.other""",
-            [record.sae_id] * 5,
-        )
-    finally:
-        con.unregister("_pairs")
+    feature, other, cosine = torch.cat(features), torch.cat(others), torch.cat(cosines)  # [width·k] each
+
+    both = torch.zeros(feature.numel(), dtype=torch.int64)
+    per_chunk = max(1, 8192 // ctx_len)  # ~8k tokens: the dense mask is [8k, width] booleans
+    for start in range(0, len(context_ids_), per_chunk):
+        chunk = context_ids_[start : start + per_chunk]
+        rows = con.execute(
+            """SELECT context_id, position, feature FROM feature_acts
+               WHERE sae_id = ? AND context_id IN (SELECT unnest(?::BIGINT[]))""",
+            [record.sae_id, chunk],
+        ).fetchnumpy()
+        slot = np.searchsorted(np.asarray(chunk, np.int64), rows["context_id"])  # chunk ids are ascending
+        token = torch.from_numpy(slot * ctx_len + rows["position"].astype(np.int64))
+        fires = torch.zeros(len(chunk) * ctx_len, record.width, dtype=torch.bool)  # [tokens, width]
+        fires[token, torch.from_numpy(rows["feature"].astype(np.int64))] = True
+        both += (fires[:, feature] & fires[:, other]).sum(0)
+    n_fired = torch.zeros(record.width, dtype=torch.int64)
+    for f, n in con.execute("SELECT feature, n_fired FROM feature_stats WHERE sae_id = ?", [record.sae_id]).fetchall():
+        n_fired[f] = n
+    union = n_fired[feature] + n_fired[other] - both
+    jaccard = torch.where(union > 0, both.double() / union.clamp(min=1), torch.zeros_like(both, dtype=torch.float64))
+    insert_arrow(con, "feature_related", pa.table({
+        "sae_id": np.full(feature.numel(), record.sae_id, np.int32),
+        "feature": feature.numpy().astype(np.int32),
+        "other": other.numpy().astype(np.int32),
+        "cosine": cosine.numpy().astype(np.float32),
+        "cooccurrence": jaccard.numpy().astype(np.float32),
+    }))
 
 
 def unembedding(model) -> tuple[torch.Tensor, torch.Tensor]:
