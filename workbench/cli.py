@@ -178,10 +178,10 @@ def cmd_analyze(args: argparse.Namespace) -> None:
           + (f" (resumed after {summary.resumed_from} contexts)" if summary.resumed_from else ""))
 
 
-def serve_app(db: Path, port: int, address: str = "127.0.0.1") -> int:
-    """Run the Streamlit app on ``address:port`` for workspace ``db`` until interrupted."""
+def serve_app(db: Path, port: int, address: str = "127.0.0.1") -> None:
+    """Replace this process with Streamlit serving the app for workspace ``db`` on ``address:port``
+    (exec, so signals such as SIGTERM reach the server itself)."""
     import os
-    import subprocess
 
     import app
 
@@ -190,12 +190,11 @@ def serve_app(db: Path, port: int, address: str = "127.0.0.1") -> int:
     Workspace(db, read_only=True).close()  # a clear error now beats a broken page later
     home = Path(app.__file__).with_name("Home.py")
     env = dict(os.environ, WORKBENCH_DB=str(db.expanduser().resolve()))
-    print(f"serving the workbench for {db} on http://{address}:{port}", file=sys.stderr)
-    return subprocess.call(
-        [sys.executable, "-m", "streamlit", "run", str(home), "--server.address", address, "--server.port", str(port),
-         "--server.headless", "true", "--browser.gatherUsageStats", "false"],
-        env=env,
-    )
+    print(f"serving the workbench for {db} on http://{address}:{port}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "streamlit", "run", str(home), "--server.address", address,
+                               "--server.port", str(port), "--server.headless", "true",
+                               "--browser.gatherUsageStats", "false"], env)
 
 
 def cmd_app(args: argparse.Namespace) -> None:
@@ -314,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--db", type=Path, default=DEFAULT_DB)
     p.add_argument("--port", type=_integer, default=8501)
     p.add_argument("--address", default="127.0.0.1", help="bind address (default: this machine only)")
+
 
     p = add("info", cmd_info, "summarise a workspace: runs, cached hooks, tokens per domain")
     p.add_argument("--db", type=Path, required=True)

@@ -7,9 +7,9 @@ a few contexts, so a feature page answers in milliseconds whatever the number of
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
+import duckdb
 import torch
 
 from workbench.analysis import HIST_BINS, AnalysisError, SAERecord
@@ -137,12 +137,14 @@ def search_by_pattern(ws: Workspace, sae: SAERecord, pattern: str, *, limit: int
     """Features ranked by how well "fires" matches "token matches ``pattern``" (codebook-features' search).
 
     precision = |fires ∧ matches| / |fires|, recall = |fires ∧ matches| / |matches|, ranked by
-    their harmonic mean (F1). The regex runs on each token's display string.
+    their harmonic mean (F1). The regex runs on each token's display string, in DuckDB, so its
+    syntax is RE2's (no lookarounds or backreferences; ``\p{L}`` classes work).
     """
     try:
-        re.compile(pattern)
-    except re.error as err:
-        raise AnalysisError(f"invalid regular expression '{pattern}': {err}") from None
+        ws.con.execute("SELECT regexp_matches('', ?)", [pattern]).fetchall()
+    except duckdb.Error as err:
+        reason = str(err).splitlines()[0].split(": ", 1)[-1]
+        raise AnalysisError(f"invalid regular expression '{pattern}': {reason}") from None
     rows = ws.query(
         """WITH matched AS (
                SELECT t.context_id, t.position FROM tokens t
@@ -167,7 +169,8 @@ def features_for_prompt(loaded, sae_module: torch.nn.Module, hook: str, text: st
     """Run ``text`` through the model live and list the top features on each token.
 
     Returns tokens, a [n_tokens, top] table of feature ids and values, and ``truncated`` when the
-    prompt was cut to the model's context length.
+    prompt was cut to the model's context length. Not thread-safe: it attaches a hook to the
+    shared model for the duration of the forward, so concurrent callers must serialise.
     """
     from workbench.hooks import attached
     from workbench.models import max_context

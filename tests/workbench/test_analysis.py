@@ -138,6 +138,11 @@ def test_analysis_resumes_after_a_crash(analysed, monkeypatch, tmp_path):
         assert resumed == ws.query("SELECT * FROM feature_acts ORDER BY context_id, position, feature")
 
 
+def test_search_accepts_re2_classes(analysed):
+    with Workspace(analysed, read_only=True) as ws:
+        assert isinstance(features.search_by_pattern(ws, analysis.resolve_sae(ws, "tiny"), r"^\p{Lu}"), list)
+
+
 def test_prompt_inspector_truncates_long_prompts(analysed, dense, tiny):
     sae, _ = dense
     out = features.features_for_prompt(tiny, sae, HOOK, "hello world " * 400, top=3)
@@ -149,6 +154,8 @@ def test_prompt_inspector_truncates_long_prompts(analysed, dense, tiny):
     [
         (lambda ws, r: features.feature_summary(ws, r, 96), "valid ids are 0..95"),
         (lambda ws, r: features.search_by_pattern(ws, r, "(["), "invalid regular expression"),
+        (lambda ws, r: features.search_by_pattern(ws, r, "(?=a)b"), "invalid regular expression"),  # RE2: no lookahead
+        (lambda ws, r: features.search_by_pattern(ws, r, r"(a)\1"), "invalid regular expression"),  # nor backreferences
         (lambda ws, r: analysis.resolve_sae(ws, "nope"), "available: 1:tiny"),
     ],
 )

@@ -1,0 +1,217 @@
+"""The app's only door to the library: cached wrappers over workbench functions.
+
+Every wrapper opens the workspace read-only for the length of one call and closes it again.
+A connection held across reruns would keep DuckDB's file lock, so `workbench cache`, `train`
+or `analyze` would fail with "workspace busy" for as long as a browser tab is open. Results are
+cached by ``st.cache_data`` under the workspace path *and* its change stamp (modification times
+of the file and its write-ahead log), so an unchanged workspace costs nothing on a rerun and a
+changed one (a new SAE, a finished analysis) is read afresh.
+
+Pages never catch library exceptions themselves: they pass a wrapper to ``call``, which turns
+"workspace busy" into a warning with a Retry button and every other user-facing error into one
+``st.error`` line.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+import streamlit as st
+
+from saes import SAEError
+from workbench.errors import WorkbenchError
+
+ENV_VAR = "WORKBENCH_DB"
+USER_ERRORS = (WorkbenchError, SAEError)
+
+
+# -- the workspace ----------------------------------------------------------------------------
+def workspace_path() -> str:
+    """The workspace named by ``WORKBENCH_DB``; without it the page shows how to start the app."""
+    value = os.environ.get(ENV_VAR)
+    if not value:
+        st.error(f"{ENV_VAR} is not set: start the browser with `workbench app --db WORKSPACE`")
+        st.stop()
+    return str(Path(value).expanduser().resolve())
+
+
+def stamp(path: str) -> tuple[int, int]:
+    """Modification times of the database file and its WAL: the cache key of 'this version'."""
+    out = []
+    for file in (Path(path), Path(path + ".wal")):
+        try:
+            out.append(file.stat().st_mtime_ns)
+        except OSError:
+            out.append(0)
+    return tuple(out)
+
+
+def _open(path: str):
+    from workbench.workspace import Workspace
+
+    return Workspace(path, read_only=True)
+
+
+def call(fn: Callable, *args: Any, stop: bool = True, **kwargs: Any) -> Any:
+    """Run ``fn``; a busy workspace stops the page with a warning and a Retry button, any other
+    user-facing error shows one ``st.error`` line and stops the page (``stop=False``: returns None)."""
+    from workbench.workspace import WorkspaceBusy
+
+    try:
+        return fn(*args, **kwargs)
+    except WorkspaceBusy as err:
+        st.warning(str(err))
+        st.button("Retry", key="retry_busy", help="read the workspace again")  # a click reruns the page
+        st.stop()
+    except USER_ERRORS as err:
+        st.error(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+        if stop:
+            st.stop()
+    return None
+
+
+# -- cached reads (each takes the path and its stamp, so a changed workspace is re-read) ------
+@st.cache_data(show_spinner=False, max_entries=32)
+def _overview(path: str, version: tuple) -> dict:
+    from workbench.training import trained_saes
+
+    with _open(path) as ws:
+        runs = ws.query(
+            """SELECT r.run_id, r.model, c.spec, r.ctx_len, r.status,
+                      (SELECT count(*) FROM contexts x WHERE x.run_id = r.run_id)
+               FROM runs r JOIN corpora c USING (corpus_id) ORDER BY r.run_id"""
+        )
+        return {
+            "schema": ws.schema_version(),
+            "runs": [dict(zip(("run", "model", "corpus", "ctx_len", "status", "contexts"), r)) for r in runs],
+            "corpora": [dict(zip(("corpus", "spec", "documents"), r))
+                        for r in ws.query("SELECT corpus_id, spec, n_documents FROM corpora ORDER BY corpus_id")],
+            "hooks": [dict(zip(("run", "model", "hook", "d", "contexts stored"), r)) for r in ws.cached_hooks()],
+            "saes": trained_saes(ws),
+            "analysed": dict(ws.query("SELECT sae_id, status FROM analyses")),
+        }
+
+
+def overview(path: str) -> dict:
+    """Runs (with their model), corpora, cached hooks, SAEs with metrics, analysis status."""
+    return _overview(path, stamp(path))
+
+
+def sae_names(path: str) -> list[str]:
+    """Names of the finished SAEs, in id order (what ``resolve_sae`` accepts)."""
+    return [s["name"] for s in overview(path)["saes"] if s["status"] == "done"]
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def _resolve(path: str, version: tuple, ref: str):
+    from workbench.analysis import resolve_sae
+
+    with _open(path) as ws:
+        return resolve_sae(ws, ref)
+
+
+def resolve(path: str, ref: str):
+    """``SAERecord`` by name or id; ``AnalysisError`` lists the available SAEs."""
+    return _resolve(path, stamp(path), ref)
+
+
+@st.cache_data(show_spinner=False, max_entries=512)
+def _feature(path: str, version: tuple, sae: str, feature: int) -> dict:
+    from workbench import features as F
+    from workbench.analysis import N_BANDS, N_TOP, PER_BAND, resolve_sae
+
+    with _open(path) as ws:
+        record = resolve_sae(ws, sae)
+        summary = F.feature_summary(ws, record, feature)  # checks the id and the analysis first
+        every = F.examples(ws, record, feature, band=None, limit=N_TOP + N_BANDS * PER_BAND)
+        return {
+            "sae": record,
+            "summary": summary,
+            "top": F.examples(ws, record, feature, band=-1, limit=N_TOP),
+            "bands": {b: [e for e in every if e.band == b] for b in range(N_BANDS - 1, -1, -1)},
+            "logits": F.logit_effects(ws, record, feature),
+            "related": F.related_features(ws, record, feature),
+        }
+
+
+def feature(path: str, sae: str, feature_id: int) -> dict:
+    """Everything the feature page shows: summary, top and band examples, logit effects, neighbours."""
+    return _feature(path, stamp(path), sae, int(feature_id))
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def _search(path: str, version: tuple, sae: str, pattern: str) -> list[dict]:
+    from workbench.analysis import resolve_sae
+    from workbench.features import search_by_pattern
+
+    with _open(path) as ws:
+        return search_by_pattern(ws, resolve_sae(ws, sae), pattern)
+
+
+def search(path: str, sae: str, pattern: str) -> list[dict]:
+    """Features ranked by F1 of "fires" against "token matches pattern" (``search_by_pattern``)."""
+    return _search(path, stamp(path), sae, pattern)
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def _densities(path: str, version: tuple) -> dict[str, list[float]]:
+    from workbench.analysis import resolve_sae
+    from workbench.features import density_histogram
+
+    with _open(path) as ws:
+        names = [n for (n,) in ws.query("SELECT name FROM saes WHERE status = 'done' ORDER BY sae_id")]
+        return {name: density_histogram(ws, resolve_sae(ws, name)) for name in names}
+
+
+def densities(path: str) -> dict[str, list[float]]:
+    """Every feature's firing density per SAE name (empty for SAEs not analysed yet)."""
+    return _densities(path, stamp(path))
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _model_name(path: str, version: tuple, run_id: int) -> str:
+    from workbench.workspace import fetch_one
+
+    with _open(path) as ws:
+        return fetch_one(ws.con, "SELECT model FROM runs WHERE run_id = ?", [run_id])[0]
+
+
+def model_name(path: str, run_id: int) -> str:
+    """The model a cache run used (what ``load_model`` takes)."""
+    return _model_name(path, stamp(path), run_id)
+
+
+# -- live inference (prompt inspector) --------------------------------------------------------
+@st.cache_resource(show_spinner="Loading the model…", max_entries=2)
+def model(name: str):
+    from workbench.models import load_model
+
+    return load_model(name)
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def sae_module(path: str, d_in: int):
+    import saes
+
+    module = saes.load_sae(path, expected_d_in=d_in)
+    module.eval()
+    return module
+
+
+@st.cache_resource(show_spinner=False)
+def _inference_lock() -> threading.Lock:
+    # Hooks are attached to the shared model: two sessions running at once would see each other's.
+    return threading.Lock()
+
+
+@st.cache_data(show_spinner="Running the prompt…", max_entries=64)
+def prompt_features(model_ref: str, sae_path: str, d_in: int, hook: str, text: str, top: int) -> dict:
+    """``features_for_prompt`` with the model and SAE from the resource cache."""
+    from workbench.features import features_for_prompt
+
+    loaded, sae = model(model_ref), sae_module(sae_path, d_in)
+    with _inference_lock():
+        return features_for_prompt(loaded, sae, hook, text, top=top)

@@ -1,0 +1,139 @@
+"""Feature page: one latent of one SAE. Links: ?sae=NAME&feature=ID (the URL follows the sidebar)."""
+
+import streamlit as st
+
+from app import cached, render
+
+st.set_page_config(page_title="Feature", page_icon="🔬", layout="wide")
+FEATURE_PAGE = "pages/1_Feature.py"
+
+path = cached.workspace_path()
+names = cached.call(cached.sae_names, path)
+if not names:
+    st.title("Feature")
+    st.info("No trained SAE in this workspace yet: train one with `workbench train`, then `workbench analyze`.")
+    st.stop()
+
+state = st.session_state
+
+# -- the URL wins when it changed (first load, a link); afterwards the sidebar drives the URL ----
+url = (st.query_params.get("sae"), st.query_params.get("feature"))
+url_problem = False
+if state.get("_feature_url") != url:
+    state["_feature_url"] = url
+    sae_ref, feature_ref = url
+    if sae_ref is not None:
+        record = cached.call(cached.resolve, path, sae_ref, stop=False)
+        state["sae"] = record.name if record is not None else None
+        url_problem |= record is None
+    if feature_ref is not None:
+        try:
+            state["feature"] = int(feature_ref)
+        except ValueError:
+            st.error(f"feature id in the URL must be a whole number, got '{feature_ref}'")
+            url_problem = True
+if "sae" not in state or (state["sae"] is not None and state["sae"] not in names):
+    state["sae"] = state.get("_last_sae") if state.get("_last_sae") in names else names[0]
+if "feature" not in state:
+    state["feature"] = state.get("_last_feature", 0)
+
+
+def _jump_to_id() -> None:
+    """Search by feature id: Enter in the search box moves the sidebar's feature id."""
+    text = state.get("search_text", "").strip()
+    state["_search_error"] = None
+    if state.get("search_mode") == "feature id" and text:
+        try:
+            state["feature"] = int(text)
+        except ValueError:
+            state["_search_error"] = f"feature id must be a whole number, got '{text}'"
+
+
+with st.sidebar:
+    sae = st.selectbox("SAE", names, key="sae", placeholder="choose an SAE")
+    feature_id = st.number_input("Feature id", key="feature", step=1, format="%d")
+if url_problem or sae is None:
+    if sae is None:
+        st.info("Choose an SAE in the sidebar.")
+    st.stop()
+feature_id = int(feature_id)
+state["_last_sae"], state["_last_feature"] = sae, feature_id
+# Written on every run: a page_link to this same page changes the page's query string on the
+# server but leaves the browser's address bar as it was until the script sets it.
+st.query_params.update(sae=sae, feature=str(feature_id))
+state["_feature_url"] = (sae, str(feature_id))
+
+st.title(f"Feature {feature_id}")
+st.caption(f"SAE `{sae}` · link: `?sae={sae}&feature={feature_id}`")
+
+# -- search --------------------------------------------------------------------------------------
+with st.container(border=True):
+    mode_col, text_col = st.columns([1, 3])
+    mode = mode_col.radio("Search by", ["token regex", "feature id"], key="search_mode", horizontal=True)
+    query = text_col.text_input(
+        "Search", key="search_text", on_change=_jump_to_id,
+        placeholder="regular expression over token strings, e.g. ^ the$" if mode == "token regex" else "feature id, then Enter",
+    )
+    if state.get("_search_error") and mode == "feature id":
+        st.error(state["_search_error"])
+    if mode == "token regex" and query:
+        results = cached.call(cached.search, path, sae, query, stop=False)
+        if results == []:
+            st.info(f"No feature fires on a token matching '{query}'.")
+        for r in results or []:
+            link, numbers = st.columns([1, 4])
+            with link:
+                st.page_link(FEATURE_PAGE, label=f"feature {r['feature']}", query_params={"sae": sae, "feature": str(r["feature"])})
+            numbers.caption(f"F1 {r['f1']:.3f} · precision {r['precision']:.3f} · recall {r['recall']:.3f} · fired on {r['n_fired']:,} tokens")
+
+# -- the feature ---------------------------------------------------------------------------------
+view = cached.call(cached.feature, path, sae, feature_id)
+summary = view["summary"]
+vmax = summary["max"] or 0.0
+
+density, fired, mean, peak = st.columns(4)
+density.metric("Density", f"{summary['density']:.3%}", help="fraction of analysed tokens where it fires (value > 0)")
+fired.metric("Tokens fired", f"{summary['n_fired']:,}")
+mean.metric("Mean activation", f"{summary['mean']:.3f}" if summary["n_fired"] else "–")
+peak.metric("Max activation", f"{vmax:.3f}" if summary["n_fired"] else "–")
+if not summary["n_fired"]:
+    st.info("This feature never fires on the analysed tokens (a dead latent).")
+
+left, right = st.columns([3, 2])
+with left:
+    st.plotly_chart(render.activation_histogram(summary), key="histogram")
+with right:
+    st.markdown("**Logit effects** (direct: decoder direction · final norm · unembedding)")
+    promoted, suppressed = view["logits"]["promoted"], view["logits"]["suppressed"]
+    if promoted or suppressed:
+        up, down = st.columns(2)
+        up.dataframe([{"promoted": render.visible(t), "effect": round(e, 4)} for t, e in promoted], hide_index=True)
+        down.dataframe([{"suppressed": render.visible(t), "effect": round(e, 4)} for t, e in suppressed], hide_index=True)
+    else:
+        st.caption("No logit effects stored (analysed with `--no-logits`).")
+
+st.subheader("Top activations")
+if view["top"]:
+    st.markdown(render.legend_html(vmax), unsafe_allow_html=True)
+    st.markdown(render.examples_html(view["top"], vmax), unsafe_allow_html=True)
+else:
+    st.caption("No examples.")
+
+st.subheader("Quantile bands")
+st.caption("Activations cut into equal bands of (0, max]; a few tokens sampled from each.")
+bands = [(b, ex) for b, ex in view["bands"].items() if ex]
+n_bands = len(view["bands"])
+for i, (b, ex) in enumerate(bands):
+    low, high = vmax * b / n_bands, vmax * (b + 1) / n_bands
+    with st.expander(f"band {b + 1} of {n_bands}: ({low:.3f}, {high:.3f}] · {len(ex)} examples", expanded=i == 0):
+        st.markdown(render.examples_html(ex, vmax), unsafe_allow_html=True)
+
+st.subheader("Related features")
+st.caption("Nearest decoder directions (cosine) with co-occurrence (Jaccard of the tokens where both fire).")
+if not view["related"]:
+    st.caption("None stored.")
+for r in view["related"]:
+    link, numbers = st.columns([1, 4])
+    with link:
+        st.page_link(FEATURE_PAGE, label=f"feature {r['feature']}", query_params={"sae": sae, "feature": str(r["feature"])})
+    numbers.caption(f"cosine {r['cosine']:.3f} · co-occurrence {r['cooccurrence']:.3f} · density {r['density']:.3%}")

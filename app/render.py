@@ -1,0 +1,163 @@
+"""Presentation only: HTML for highlighted contexts and the plotly figures. No workspace access.
+
+Token text is always escaped: ``html.escape`` for markup, and the characters Streamlit's
+markdown would otherwise interpret (``$ * _ ` [ ] ~ : |`` and backslash) as numeric entities,
+so a token is shown exactly as the tokenizer's display string. Newlines, carriage returns and
+tabs are drawn as visible symbols (↵ ␍ ⇥) instead of breaking the line.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+
+import plotly.graph_objects as go
+
+VISIBLE = {"\n": "↵", "\r": "␍", "\t": "⇥"}
+_MARKDOWN_SPECIALS = {ord(c): f"&#{ord(c)};" for c in "$*_`[]~:|\\"}
+HIGHLIGHT = (255, 145, 0)  # orange, alpha by activation
+TOKEN_CLASS = "wb-token"
+
+
+def visible(token: str) -> str:
+    """A token's text with whitespace control characters made visible (for tables and labels)."""
+    for char, symbol in VISIBLE.items():
+        token = token.replace(char, symbol)
+    return token
+
+
+def escape(text: str) -> str:
+    return html.escape(visible(text)).translate(_MARKDOWN_SPECIALS)
+
+
+def token_spans(tokens: list[str], values: list[float], vmax: float, focus: int | None = None) -> str:
+    """One line of tokens, each on a background whose opacity is its activation / ``vmax``."""
+    scale = vmax if vmax and vmax > 0 else max([v for v in values if v > 0] or [1.0])
+    r, g, b = HIGHLIGHT
+    spans = []
+    for i, (token, value) in enumerate(zip(tokens, values)):
+        alpha = 0.0 if value <= 0 else min(1.0, value / scale) * 0.85 + 0.15
+        style = f"background:rgba({r},{g},{b},{alpha:.2f});border-radius:2px;padding:1px 0"
+        if i == focus:
+            style += ";outline:2px solid #c0392b;font-weight:600"
+        spans.append(f'<span class="{TOKEN_CLASS}" title="{value:.3f}" style="{style}">{escape(token)}</span>')
+    return "".join(spans)
+
+
+def example_html(example, vmax: float) -> str:
+    """One ``features.Example`` as a single-line HTML block: value, then the highlighted window."""
+    line = token_spans(example.tokens, example.values, vmax, example.focus)
+    return (
+        '<div class="wb-example" style="font-family:ui-monospace,monospace;font-size:0.85rem;'
+        'white-space:pre-wrap;line-height:1.9;margin:0 0 0.35rem 0">'
+        f'<span style="display:inline-block;min-width:4.5em;color:#666">{example.value:.3f}</span>{line}</div>'
+    )
+
+
+def examples_html(examples, vmax: float) -> str:
+    return "".join(example_html(e, vmax) for e in examples)
+
+
+def legend_html(vmax: float) -> str:
+    steps = [0.25, 0.5, 0.75, 1.0]
+    cells = token_spans([f" {vmax * s:.2f} " for s in steps], [vmax * s for s in steps], vmax)
+    return f'<div style="font-size:0.8rem;color:#666">activation scale: {cells} (hover a token for its value; outlined: the example\'s token)</div>'
+
+
+# -- figures ----------------------------------------------------------------------------------
+def activation_histogram(summary: dict) -> go.Figure:
+    """Bars of ``hist_counts`` over (0, max] from ``feature_summary``."""
+    edges, counts = summary["hist_edges"], summary["hist_counts"]
+    fig = go.Figure()
+    if edges:
+        centres = [(lo + hi) / 2 for lo, hi in zip(edges, edges[1:])]
+        fig.add_bar(x=centres, y=counts, width=edges[1] - edges[0], marker_color="rgb(255,145,0)",
+                    hovertemplate="%{x:.3f}: %{y} tokens<extra></extra>")
+    fig.update_layout(title="Activations where it fires", xaxis_title="activation", yaxis_title="tokens",
+                      height=300, margin=dict(l=10, r=10, t=40, b=10), bargap=0.02)
+    return fig
+
+
+def frontier(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the (L0, FVU) points no other point beats on both (lower is better), by L0."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
+    best, keep = math.inf, []
+    for i in order:
+        if points[i][1] < best:
+            best = points[i][1]
+            keep.append(i)
+    return keep
+
+
+def frontier_figure(rows: list[dict]) -> go.Figure:
+    """L0 against FVU, one marker per SAE (colour by architecture), the Pareto frontier as a line."""
+    fig = go.Figure()
+    for arch in sorted({r["arch"] for r in rows}):
+        sub = [r for r in rows if r["arch"] == arch]
+        fig.add_scatter(x=[r["l0"] for r in sub], y=[r["fvu"] for r in sub], mode="markers", name=arch,
+                        text=[r["name"] for r in sub], marker=dict(size=11),
+                        hovertemplate="%{text}<br>L0 %{x:.2f}<br>FVU %{y:.4f}<extra></extra>")
+    on = [rows[i] for i in frontier([(r["l0"], r["fvu"]) for r in rows])]
+    if len(on) > 1:
+        fig.add_scatter(x=[r["l0"] for r in on], y=[r["fvu"] for r in on], mode="lines", name="frontier",
+                        line=dict(dash="dot", color="#888"), hoverinfo="skip")
+    fig.update_layout(title="Sparsity–reconstruction frontier", xaxis_title="L0 (active latents per token)",
+                      yaxis_title="FVU (fraction of variance unexplained)", height=380, margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+def fractions_figure(rows: list[dict]) -> go.Figure:
+    """Dead and dense (>1 %, >10 % of tokens) latent fractions per SAE, grouped bars."""
+    names = [r["name"] for r in rows]
+    fig = go.Figure()
+    for key, label in (("dead_fraction", "dead"), ("dense_fraction_1pct", "dense > 1 %"), ("dense_fraction_10pct", "dense > 10 %")):
+        fig.add_bar(x=names, y=[r.get(key) for r in rows], name=label)
+    fig.update_layout(title="Dead and dense latents", yaxis_title="fraction of latents", barmode="group",
+                      yaxis_range=[0, 1], height=340, margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+def density_figure(densities: dict[str, list[float]]) -> go.Figure:
+    """Overlaid histograms of log10(firing density), one per SAE; never-firing latents are left out."""
+    fig = go.Figure()
+    for name, values in densities.items():
+        logs = [math.log10(d) for d in values if d > 0]
+        fig.add_histogram(x=logs, name=name, opacity=0.6, nbinsx=40,
+                          hovertemplate="log10 density %{x}<br>%{y} latents<extra></extra>")
+    fig.update_layout(title="Feature density", xaxis_title="log10(firing density)", yaxis_title="latents",
+                      barmode="overlay", height=340, margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+def prompt_heatmap(result: dict, max_features: int = 40) -> go.Figure:
+    """Tokens (x) × the features in any token's top list (y); cells are the top-list activations.
+
+    A cell is blank where the feature was not among that token's top features (it may still
+    have fired, more weakly). Features are ordered by their summed top-list activation.
+    """
+    tokens, features, values = result["tokens"], result["features"], result["values"]
+    totals: dict[int, float] = {}
+    for row_f, row_v in zip(features, values):
+        for f, v in zip(row_f, row_v):
+            if v > 0:
+                totals[f] = totals.get(f, 0.0) + v
+    shown = sorted(totals, key=lambda f: -totals[f])[:max_features]
+    index = {f: i for i, f in enumerate(shown)}
+    z = [[None] * len(tokens) for _ in shown]
+    for t, (row_f, row_v) in enumerate(zip(features, values)):
+        for f, v in zip(row_f, row_v):
+            if v > 0 and f in index:
+                z[index[f]][t] = v
+    labels = [visible(t) for t in tokens]
+    fig = go.Figure(go.Heatmap(
+        z=z, x=list(range(len(tokens))), y=[str(f) for f in shown], colorscale="Oranges", hoverongaps=False,
+        customdata=[labels for _ in shown],
+        hovertemplate="token %{x} %{customdata}<br>feature %{y}<br>activation %{z:.3f}<extra></extra>",
+        colorbar=dict(title="activation"),
+    ))
+    fig.update_layout(
+        title="Top features on each token", height=max(300, 22 * len(shown) + 160), margin=dict(l=10, r=10, t=40, b=10),
+        xaxis=dict(tickmode="array", tickvals=list(range(len(tokens))), ticktext=labels, tickangle=-60, title="token"),
+        yaxis=dict(type="category", autorange="reversed", title="feature"),
+    )
+    return fig

@@ -1,0 +1,124 @@
+"""End to end in a real headless browser: `workbench app` serves the workspace, Debian's
+chromium (driven through /usr/bin/chromedriver by Selenium) opens a feature page by URL and
+waits for the highlighted contexts.
+
+Nothing is downloaded: the driver path is given explicitly, so Selenium Manager never runs.
+chromium and chromium-driver come from the project's set-up (`make install`); without them
+this test fails — it is never skipped.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+SAE = "tiny-topk"
+CHROME_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--no-first-run", "--no-proxy-server", "--window-size=1400,2000"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(server: subprocess.Popen, url: str, log: Path, timeout: float = 60) -> None:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # localhost, never a proxy
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"`workbench app` exited with {server.returncode}:\n{log.read_text()}")
+        try:
+            with opener.open(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    pytest.fail(f"no answer from {url} within {timeout:.0f} s:\n{log.read_text()}")
+
+
+@pytest.fixture
+def served(app_workspace, tmp_path):
+    """`python -m workbench.cli app --db W --port P` in its own process group, always killed after."""
+    port = free_port()
+    log = tmp_path / "server.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "workbench.cli", "app", "--db", str(app_workspace), "--port", str(port)],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,  # the group holds streamlit too
+        )
+    try:
+        wait_healthy(server, f"http://127.0.0.1:{port}/_stcore/health", log)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        try:
+            os.killpg(server.pid, signal.SIGTERM)  # `workbench app` and the streamlit it started
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture
+def browser(tmp_path):
+    assert CHROMIUM.exists() and CHROMEDRIVER.exists(), (
+        "the browser test needs Debian's chromium and chromium-driver: run `make install` "
+        "(apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in CHROME_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tempfile.mkdtemp(dir=tmp_path, prefix='chromium-')}")
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def test_feature_page_in_a_real_browser(served, browser, busiest_feature, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(f"{served}/Feature?sae={SAE}&feature={busiest_feature}")
+    wait = WebDriverWait(browser, 60)
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "div.wb-example span.wb-token"))
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".js-plotly-plot"))  # the histogram has drawn
+    time.sleep(0.5)
+    browser.save_screenshot(str(tmp_path / "feature.png"))
+
+    text = browser.find_element(By.TAG_NAME, "body").text
+    for expected in (f"Feature {busiest_feature}", "Density", "Top activations", "Quantile bands",
+                     "Related features", "Logit effects"):
+        assert expected in text
+    assert "Traceback" not in text and "Error" not in text
+    examples = browser.find_elements(By.CSS_SELECTOR, "div.wb-example")
+    assert len(examples) >= 20  # the top examples, plus the first band
+    tokens = examples[0].find_elements(By.CSS_SELECTOR, "span.wb-token")
+    lit = [t for t in tokens if "rgba(255, 145, 0, 0)" not in t.get_attribute("style")]
+    assert tokens and lit, "the top example's own token is highlighted"
+    assert browser.current_url.endswith(f"/Feature?sae={SAE}&feature={busiest_feature}")
+
+    # a related feature's link opens its page and the address bar follows
+    link = next(a for a in browser.find_elements(By.CSS_SELECTOR, "a") if a.text.startswith("feature "))
+    other = link.text.split()[1]
+    browser.execute_script("arguments[0].scrollIntoView()", link)
+    link.click()
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "h1").text == f"Feature {other}")
+    wait.until(lambda d: d.current_url.endswith(f"feature={other}"))
