@@ -61,13 +61,12 @@ def run_cache(*, db: Path, model: str, hooks: Sequence[str], corpus: str, tokens
     from data import load_corpus
     from workbench.caching import ActivationCacher, CacheRequest, validate_request
     from workbench.models import load_model
-    from workbench.workspace import Workspace
+    from workbench.workspace import Workspace, ensure_not_busy
 
     request = CacheRequest(model=model, hooks=tuple(hooks), corpus=corpus, tokens=tokens, ctx_len=ctx,
                            batch_size=batch, seed=seed, dtype=dtype)
     _check_db_path(db)
-    if db.exists():  # fail now, not after loading the model, if another process is writing
-        Workspace(db, read_only=True).close()
+    ensure_not_busy(db)  # fail now, not after loading the model, if another process is writing
     loaded = load_model(model, device=device)
     validate_request(loaded, request)
     documents = load_corpus(corpus)
@@ -201,6 +200,21 @@ def cmd_app(args: argparse.Namespace) -> None:
     serve_app(args.db, args.port, args.address)
 
 
+def _demo_cached(db: Path) -> bool:
+    """Whether the workspace already holds the demo's finished cache run (skips loading model and corpus)."""
+    from workbench.workspace import Workspace
+
+    if not db.exists():
+        return False
+    with Workspace(db) as ws:  # opened for writing: migrates an older schema
+        return bool(ws.query(
+            """SELECT count(*) FROM runs r JOIN run_hooks h USING (run_id)
+               WHERE r.kind = 'cache' AND r.status = 'done' AND r.model = ? AND h.hook = ? AND r.ctx_len = ?
+                 AND r.n_contexts_target * r.ctx_len >= ?""",
+            [DEMO["model"], DEMO["hook"], DEMO["ctx"], DEMO["tokens"]],
+        )[0][0])
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     import saes
     from workbench.training import train_sae
@@ -211,8 +225,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"default workspace {db}: {DEMO['model']}, corpus {DEMO['corpus']}, {DEMO['tokens']:,} tokens at "
           f"{DEMO['hook']}, a TopK SAE ({DEMO_SAE['width']} latents, k={DEMO_SAE['k']}); finished steps are reused",
           file=sys.stderr)
-    run_cache(db=db, model=DEMO["model"], hooks=[DEMO["hook"]], corpus=DEMO["corpus"], tokens=DEMO["tokens"],
-              ctx=DEMO["ctx"], device=args.device)
+    if not _demo_cached(db):
+        run_cache(db=db, model=DEMO["model"], hooks=[DEMO["hook"]], corpus=DEMO["corpus"], tokens=DEMO["tokens"],
+                  ctx=DEMO["ctx"], device=args.device)
     with Workspace(db) as ws:
         trained = ws.query("SELECT count(*) FROM saes WHERE name = ? AND status = 'done'", [DEMO_SAE["name"]])[0][0]
         if not trained:

@@ -227,6 +227,14 @@ def _connect(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
         raise WorkspaceError(f"{path} is not a DuckDB workspace: {str(err).splitlines()[0]}") from err
 
 
+def ensure_not_busy(path: str | Path) -> None:
+    """Raise ``WorkspaceBusy`` if another process holds ``path`` open for writing (no schema checks,
+    so an older workspace that a writer will migrate passes)."""
+    path = Path(path).expanduser().resolve()
+    if path.exists():
+        _connect(path, read_only=True).close()
+
+
 class Workspace:
     """A connection to one workspace file; use as a context manager to close it."""
 

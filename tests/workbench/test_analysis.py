@@ -170,3 +170,16 @@ def test_bad_queries_are_one_line_errors(analysed, call, expected):
 def test_analyze_cli_rejects_an_unknown_sae(analysed, capsys):
     assert main(["analyze", "--db", str(analysed), "--sae", "nope", "--no-logits"]) == 2
     assert "no SAE 'nope'" in capsys.readouterr().err
+
+
+def test_codebook_codes_get_the_same_treatment(analysed):
+    assert main(["train", "--db", str(analysed), "--hook", HOOK, "--arch", "codebook", "--width", "64", "--k", "2",
+                 "--tokens", "8192", "--batch-size", "512", "--no-downstream", "--name", "codes"]) == 0
+    assert main(["analyze", "--db", str(analysed), "--sae", "codes"]) == 0
+    with Workspace(analysed, read_only=True) as ws:
+        record = analysis.resolve_sae(ws, "codes")
+        (n_tokens,) = ws.query("SELECT n_tokens FROM analyses WHERE sae_id = ?", [record.sae_id])[0]
+        (nonzeros,) = ws.query("SELECT count(*) FROM feature_acts WHERE sae_id = ?", [record.sae_id])[0]
+        used = [f for (f,) in ws.query("SELECT feature FROM feature_stats WHERE sae_id = ? AND n_fired > 0", [record.sae_id])]
+        assert nonzeros == 2 * n_tokens  # exactly k codes per token
+        assert features.examples(ws, record, used[0]) and features.logit_effects(ws, record, used[0])["promoted"]

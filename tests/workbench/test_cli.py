@@ -111,6 +111,22 @@ def test_workspace_busy_while_another_process_writes(existing, capsys):
     assert snapshot(existing)["contexts"] == 2
 
 
+def test_an_older_schema_is_migrated_by_the_next_write(existing, capsys):
+    import duckdb
+
+    con = duckdb.connect(str(existing))  # roll the file back to schema v1: drop what v2+ added
+    for table in ("feature_related", "feature_logits", "feature_examples", "feature_stats", "feature_acts",
+                  "analyses", "training_log", "saes"):
+        con.execute(f"DROP TABLE {table}")
+    con.execute("DROP SEQUENCE sae_ids")
+    con.execute("UPDATE schema_version SET version = 1")
+    con.close()
+    assert "open it once for writing" in run_bad(["info", "--db", str(existing)], capsys)
+    assert main([*BASE, "--db", str(existing)]) == 0  # a writer migrates it
+    with Workspace(existing, read_only=True) as ws:
+        assert ws.schema_version() == 3 and ws.query("SELECT count(*) FROM saes") == [(0,)]
+
+
 def test_newer_schema_is_refused(existing, capsys):
     import duckdb
 
