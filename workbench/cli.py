@@ -200,6 +200,12 @@ def cmd_app(args: argparse.Namespace) -> None:
     serve_app(args.db, args.port, args.address)
 
 
+def cmd_steer(args: argparse.Namespace) -> None:
+    from workbench.steering import run_steer_command
+
+    run_steer_command(args)
+
+
 def _demo_cached(db: Path) -> bool:
     """Whether the workspace already holds the demo's finished cache run (skips loading model and corpus)."""
     from workbench.workspace import Workspace
@@ -329,6 +335,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=_integer, default=8501)
     p.add_argument("--address", default="127.0.0.1", help="bind address (default: this machine only)")
 
+    p = add("steer", cmd_steer, "generate with and without steering an SAE feature; print both and the measured effect")
+    p.add_argument("--db", type=Path, default=None, help="workspace: SAE names, feature units, neutral text, the model")
+    p.add_argument("--sae", default=None, help="SAE name in the workspace, or an SAE folder (SAELens layout)")
+    p.add_argument("--feature", type=_integer, default=None, help="feature (latent) index; code index for --method code")
+    p.add_argument("--strength", type=float, default=1.0, help="add: multiple of --unit; clamp: latent value (x --unit)")
+    p.add_argument("--method", default="add", help="add, clamp, ablate or code")
+    p.add_argument("--unit", default=None, help="raw, feature_max or feature_p99 (default for add; needs --db)")
+    p.add_argument("--hook", default=None, help="hook to steer (default: the workspace SAE's hook)")
+    p.add_argument("--spec", type=Path, default=None, help="steering spec JSON file (replaces --sae/--feature/...)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=_integer, default=40)
+    p.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed, the same for both generations")
+    p.add_argument("--model", default=None, help="default: the model that cached the hook, else smollm2-135m")
+    p.add_argument("--device", default=None)
 
     p = add("info", cmd_info, "summarise a workspace: runs, cached hooks, tokens per domain")
     p.add_argument("--db", type=Path, required=True)

@@ -59,17 +59,23 @@ def stop_layer(hooks: Sequence[str], n_layers: int) -> int | None:
 
 @contextmanager
 def attached(model, fwd_hooks: Sequence[tuple[str, HookFn]] | None = None) -> Iterator[None]:
-    """Install forward hooks for the duration of the block; always removes them, even on error."""
-    points = []
+    """Install forward hooks for the duration of the block; always removes them, even on error.
+
+    Only the hooks this block added are removed, so blocks nest (e.g. steering inside a capture
+    on the same hook point) without taking each other's hooks away.
+    """
+    added = []  # (hook point, the LensHandle this block added)
     try:
         for name, fn in fwd_hooks or ():
             point = model.hook_dict[name]
+            before = {id(handle) for handle in point.fwd_hooks}
             point.add_hook(fn, dir="fwd")
-            points.append(point)
+            added.extend((point, handle) for handle in point.fwd_hooks if id(handle) not in before)
         yield
     finally:
-        for point in points:
-            point.remove_hooks(dir="fwd")
+        for point, handle in reversed(added):
+            handle.hook.remove()
+            point.fwd_hooks = [h for h in point.fwd_hooks if h is not handle]
 
 
 def hook_shapes(model) -> dict[str, str]:

@@ -61,6 +61,19 @@ def test_attached_removes_hooks_even_when_the_body_raises(tiny):
     assert calls == []
 
 
+def test_nested_blocks_on_one_hook_point_keep_each_others_hooks(tiny):
+    calls = []
+    name = "blocks.0.hook_resid_post"
+    tokens = torch.zeros(1, 3, dtype=torch.long)
+    with attached(tiny.model, [(name, lambda x, hook: calls.append("outer"))]):
+        with attached(tiny.model, [(name, lambda x, hook: calls.append("inner"))]):
+            tiny.model(tokens)
+        tiny.model(tokens)  # the inner block is gone, the outer hook must still run
+    tiny.model(tokens)
+    assert calls == ["outer", "inner", "outer"]
+    assert tiny.model.hook_dict[name].fwd_hooks == []
+
+
 @pytest.mark.slow
 def test_default_model_loads_warm_and_predicts(smollm2):
     model, tokenizer, _ = smollm2
