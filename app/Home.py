@@ -16,15 +16,14 @@ st.caption(f"`{path}` · schema v{info['schema']}")
 
 st.subheader("Models and cache runs")
 if info["runs"]:
-    runs = [dict(r, corpus=r["corpus"].split("#")[0], tokens=r["contexts"] * r["ctx_len"]) for r in info["runs"]]
-    st.dataframe(runs, hide_index=True)
+    st.dataframe(info["runs"], hide_index=True)
 else:
     st.info("No cache runs yet: cache activations with `workbench cache --model M --hook H --db W`.")
 
 left, right = st.columns(2)
 with left:
     st.subheader("Corpora")
-    st.dataframe([dict(c, spec=c["spec"].split("#")[0]) for c in info["corpora"]], hide_index=True)
+    st.dataframe(info["corpora"], hide_index=True)
 with right:
     st.subheader("Hooks cached")
     st.dataframe(info["hooks"], hide_index=True)

@@ -79,16 +79,11 @@ def _overview(path: str, version: tuple) -> dict:
     from workbench.training import trained_saes
 
     with _open(path) as ws:
-        runs = ws.query(
-            """SELECT r.run_id, r.model, c.spec, r.ctx_len, r.status,
-                      (SELECT count(*) FROM contexts x WHERE x.run_id = r.run_id)
-               FROM runs r JOIN corpora c USING (corpus_id) ORDER BY r.run_id"""
-        )
         return {
             "schema": ws.schema_version(),
-            "runs": [dict(zip(("run", "model", "corpus", "ctx_len", "status", "contexts"), r)) for r in runs],
-            "corpora": [dict(zip(("corpus", "spec", "documents"), r))
-                        for r in ws.query("SELECT corpus_id, spec, n_documents FROM corpora ORDER BY corpus_id")],
+            "runs": ws.runs(),
+            "corpora": [{"corpus": c, "spec": spec.split("#")[0], "documents": n}
+                        for c, spec, n in ws.query("SELECT corpus_id, spec, n_documents FROM corpora ORDER BY corpus_id")],
             "hooks": [dict(zip(("run", "model", "hook", "d", "contexts stored"), r)) for r in ws.cached_hooks()],
             "saes": trained_saes(ws),
             "analysed": dict(ws.query("SELECT sae_id, status FROM analyses")),

@@ -247,14 +247,15 @@ def unembedding(model) -> tuple[torch.Tensor, torch.Tensor]:
     hf = model.original_model
     w_u = hf.get_output_embeddings().weight.detach().float()
     norm = getattr(getattr(hf, "model", hf), "norm", None)
-    gamma = norm.weight.detach().float() if norm is not None and getattr(norm, "weight", None) is not None else torch.ones(w_u.shape[1])
+    weight = getattr(norm, "weight", None)
+    gamma = weight.detach().float() if weight is not None else torch.ones(w_u.shape[1], device=w_u.device)
     return w_u, gamma
 
 
 def logit_effects(directions: torch.Tensor, model) -> torch.Tensor:
-    """(d_f ⊙ γ) W_Uᵀ for a block of directions: [n, vocab]."""
+    """(d_f ⊙ γ) W_Uᵀ for a block of directions [n, d] (any device / dtype): [n, vocab] on the model's device."""
     w_u, gamma = unembedding(model)
-    return (directions * gamma) @ w_u.T
+    return (directions.float().to(w_u.device) * gamma) @ w_u.T
 
 
 def _store_logit_effects(con, record: SAERecord, directions: torch.Tensor, loaded) -> None:

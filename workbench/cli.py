@@ -83,19 +83,17 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 def workspace_summary(ws) -> str:
     lines = [f"workspace {ws.path} (schema v{ws.schema_version()})"]
-    for run_id, kind, model, spec, ctx, status, n_ctx in ws.query(
-        """SELECT r.run_id, r.kind, r.model, c.spec, r.ctx_len, r.status,
-                  (SELECT count(*) FROM contexts x WHERE x.run_id = r.run_id)
-           FROM runs r JOIN corpora c USING (corpus_id) ORDER BY r.run_id"""
-    ):
-        lines.append(f"  run {run_id} [{kind}, {status}] model={model} corpus={spec.split('#')[0]} "
-                     f"ctx={ctx} contexts={n_ctx} tokens={n_ctx * ctx:,}")
+    for run in ws.runs():
+        lines.append(f"  run {run['run']} [{run['kind']}, {run['status']}] model={run['model']} corpus={run['corpus']} "
+                     f"ctx={run['ctx_len']} contexts={run['contexts']} tokens={run['tokens']:,}")
     for run_id, _, hook, d, stored in ws.cached_hooks():
         lines.append(f"    {hook}: d={d}, {stored} contexts stored")
-    for sae_id, name, arch, status, metrics in ws.query("SELECT sae_id, name, arch, status, metrics FROM saes ORDER BY sae_id"):
-        m = json.loads(metrics) if metrics else {}
+    from workbench.training import trained_saes
+
+    for sae in trained_saes(ws):
+        m = sae["metrics"]
         shown = ", ".join(f"{k}={m[k]:.3f}" for k in ("l0", "fvu", "dead_fraction", "ce_loss_recovered") if k in m)
-        lines.append(f"  sae {sae_id} {name} [{arch}, {status}] {shown}")
+        lines.append(f"  sae {sae['sae_id']} {sae['name']} [{sae['arch']}, {sae['status']}] {shown}")
     for domain, n_tokens in ws.query(
         """SELECT coalesce(d.domain, '(bos/separator)'), count(*) FROM tokens t
            JOIN contexts c USING (context_id) JOIN runs r USING (run_id)

@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from workbench.analysis import logit_effects
 from workbench.errors import WorkbenchError
 
 METHODS = ("add", "clamp", "ablate", "code")
@@ -586,12 +587,7 @@ def generate(model, prompt: str, spec: SteeringSpec, *, max_new_tokens: int = 40
 # -- measurement --------------------------------------------------------------------------------
 def logit_effect(model, direction: Tensor) -> Tensor:
     """(vocab,) direct logit effect (v ⊙ γ) W_Uᵀ of a direction; γ = the final norm's weight."""
-    hf = _bridge(model).original_model
-    w_u = hf.get_output_embeddings().weight.detach().float()  # (vocab, d)
-    norm = getattr(getattr(hf, "model", hf), "norm", None)
-    gamma = getattr(norm, "weight", None)
-    gamma = gamma.detach().float() if gamma is not None else torch.ones(w_u.shape[1], device=w_u.device)
-    return (direction.float().to(w_u.device) * gamma) @ w_u.T
+    return logit_effects(direction[None], _bridge(model))[0]
 
 
 def top_tokens(model, direction: Tensor, n: int = TOP_TOKENS) -> list[int]:

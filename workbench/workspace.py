@@ -305,6 +305,16 @@ class Workspace:
     def query(self, sql: str, params: list | None = None) -> list[tuple]:
         return self.con.execute(sql, params or []).fetchall()
 
+    def runs(self) -> list[dict]:
+        """Every run with its model, corpus (spec without its fingerprint), context length, status and size."""
+        rows = self.query(
+            """SELECT r.run_id, r.kind, r.model, c.spec, r.ctx_len, r.status,
+                      (SELECT count(*) FROM contexts x WHERE x.run_id = r.run_id)
+               FROM runs r JOIN corpora c USING (corpus_id) ORDER BY r.run_id"""
+        )
+        keys = ("run", "kind", "model", "corpus", "ctx_len", "status", "contexts")
+        return [dict(zip(keys, row), corpus=row[3].split("#")[0], tokens=row[6] * row[4]) for row in rows]
+
     def cached_hooks(self) -> list[tuple[int, str, str, int, int]]:
         """(run_id, model, hook, d, contexts stored) for every hook with stored activations."""
         return self.query(
