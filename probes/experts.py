@@ -17,6 +17,9 @@ A group with n_d = 0 is *skipped*: dropped from every result and listed in `skip
     skew (Monet)          e specialises in d* = argmax_d r_{e,d}  iff  r_{e,d*} > 0 and
                           r_{e,d*} ≥ factor · max_{d≠d*} r_{e,d}   (factor > 1, Monet 2; needs D ≥ 2,
                           so ties never specialise)
+    skew ratio            s_{e,d} = r_{e,d} / max_{d'≠d} r_{e,d'}  (∞ when only d has mass); a fixed
+                          budget of n experts for d takes the n largest s_{e,d} among the experts
+                          whose strongest group is d (`skew_ranking`)
     specialised share     s_d = |{e : e specialises in d}| / E
     p(e|d)                = r_{e,d} / Σ_e' r_{e',d}                 (NaN row if domain d has no mass)
     routing entropy       H_d = −Σ_e p(e|d) log p(e|d) / log E      (normalised to [0, 1]; 0 when E = 1)
@@ -189,6 +192,28 @@ def specialists(mass: np.ndarray, factor: float = 2.0) -> np.ndarray:
     ok = (best > 0) & (best >= factor * runner_up)
     out[ok] = mass.argmax(axis=0)[ok]
     return out
+
+
+def skew_ranking(mass: np.ndarray, group: int) -> np.ndarray:
+    """Experts whose strongest group is ``group`` (mass r (D, E)), most specialised first.
+
+    Ordered by the skew ratio s_e = r_{e,group} / max_{d≠group} r_{e,d} descending (∞ when no other
+    group has mass), ties by larger r_{e,group}, then lower id; experts without mass on ``group``
+    are left out. The first n of it are the n experts a matched masking budget removes.
+    """
+    n_groups, n_experts = mass.shape
+    if not 0 <= group < n_groups:
+        raise ExpertsError(f"group {group} is out of range for {n_groups} groups")
+    on_group = mass[group]
+    if n_groups < 2:
+        candidates = np.flatnonzero(on_group > 0)
+        return candidates[np.lexsort((candidates, -on_group[candidates]))]
+    others = np.delete(mass, group, axis=0).max(axis=0)  # (E,)
+    candidates = np.flatnonzero((on_group > 0) & (on_group >= others) & (mass.argmax(axis=0) == group))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(others[candidates] > 0, on_group[candidates] / np.where(others[candidates] > 0, others[candidates], 1),
+                         np.inf)
+    return candidates[np.lexsort((candidates, -on_group[candidates], -ratio))]
 
 
 def specialised_share(specialist: np.ndarray, n_groups: int) -> np.ndarray:
@@ -414,6 +439,10 @@ class ExpertSummary:
     def specialised_in(self, group: str) -> np.ndarray:
         """Experts that specialise in `group` (the ones Monet masking removes)."""
         return np.flatnonzero(self.specialist == self.names.index(group))
+
+    def most_specialised_in(self, group: str, n: int) -> np.ndarray:
+        """The ``n`` experts most skewed towards ``group`` (fewer if fewer have it as their strongest group)."""
+        return skew_ranking(self.mass, self.names.index(group))[: max(int(n), 0)]
 
     def summary_rows(self) -> list[dict]:
         """One row per group: tokens, specialised share and count, normalised entropy."""

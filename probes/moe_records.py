@@ -1,7 +1,8 @@
 """Expert-probe runs and sparse-probing results in the workspace (tables from schema v5).
 
 One `workbench moe run` is one ``moe_runs`` row plus its per-group, per-expert, comparison,
-selectivity, k-curve and per-token routing rows, all written in one transaction. A rerun with
+selectivity (per grouping and budget), k-curve, concept-correlation, purge and per-token routing
+rows, all written in one transaction. A rerun with
 the same configuration replaces the earlier run. One `workbench probe` is one ``probe_runs``
 row with its ``probe_results``; a rerun for the same SAE, dataset, ks and seed replaces it.
 
@@ -19,7 +20,8 @@ import pyarrow as pa
 
 from workbench.workspace import Workspace
 
-MOE_TABLES = ("moe_routes", "moe_k_curve", "moe_selectivity", "moe_comparison", "moe_experts", "moe_mass", "moe_groups")
+MOE_TABLES = ("moe_routes", "moe_k_curve", "moe_selectivity", "moe_comparison", "moe_experts", "moe_mass", "moe_groups",
+              "moe_correlation", "moe_purge")
 RUN_COLUMNS = ("moe_run_id", "model", "architecture", "source", "layers", "n_experts", "k", "sae", "corpus", "domains",
                "eval_tokens", "balance", "config", "notices", "seconds", "created_at")
 
@@ -89,11 +91,27 @@ def save_run(ws: Workspace, result, request) -> int:
                          row["mi_nats"], row["mi_norm"]])
         for m in result.masking:
             sel = dict(zip(m.matrix.targets, m.matrix.selectivity.tolist()))
-            for row in m.matrix.rows():
-                t, d = row["target"], row["measured"]
-                con.execute("INSERT INTO moe_selectivity VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                            [run_id, m.kind, t, d, m.n_masked[t], m.before[d], m.after[t][d], row["delta_loss"],
-                             _nan_to_none(sel[t])])
+            con.executemany(
+                "INSERT INTO moe_selectivity (moe_run_id, kind, grouping, budget, target, measured, n_masked, loss_before, "
+                "loss_after, delta_loss, selectivity) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [[run_id, m.kind, m.grouping, m.budget, row["target"], row["measured"], m.n_masked[row["target"]],
+                  m.before[row["measured"]], m.after[row["target"]][row["measured"]], row["delta_loss"],
+                  _nan_to_none(sel[row["target"]])] for row in m.matrix.rows()])
+        corr = {k: [] for k in ("kind", "layer", "concept", "expert", "rho")}
+        for kind, layer, concept, rho in result.correlations:
+            corr["kind"] += [kind] * len(rho)
+            corr["layer"] += [layer] * len(rho)
+            corr["concept"] += [concept] * len(rho)
+            corr["expert"] += list(range(len(rho)))
+            corr["rho"] += [None if math.isnan(r) else float(r) for r in rho]
+        _insert(con, "moe_correlation", {"moe_run_id": pa.array([run_id] * len(corr["expert"]), pa.int32()),
+                                         "kind": corr["kind"], "layer": pa.array(corr["layer"], pa.int32()),
+                                         "concept": corr["concept"], "expert": pa.array(corr["expert"], pa.int32()),
+                                         "rho": pa.array(corr["rho"], pa.float64())})
+        purge_rows = [[run_id, p.kind, p.concept, pt.tau, pt.n_removed, pt.share_removed, pt.concept_loss, pt.other_loss,
+                       p.concept_before, p.other_before] for p in result.purges for pt in p.points]
+        if purge_rows:
+            con.executemany("INSERT INTO moe_purge VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", purge_rows)
         dense = result.dense
         if result.curve:
             con.executemany("INSERT INTO moe_k_curve VALUES (?, ?, ?, ?, ?)",
@@ -124,7 +142,7 @@ def _dicts(ws: Workspace, sql: str, params: list | None = None) -> list[dict]:
 
 
 def has_tables(ws: Workspace) -> bool:
-    return ws.schema_version() >= 5
+    return ws.schema_version() >= 6
 
 
 def runs(ws: Workspace) -> list[dict]:
@@ -147,8 +165,21 @@ def groups(ws: Workspace, run_id: int) -> list[dict]:
 
 
 def selectivity(ws: Workspace, run_id: int) -> list[dict]:
+    """ΔLoss rows (kind, grouping, budget, target, measured, n_masked, losses, selectivity), in stored group order."""
     return _dicts(ws, "SELECT * EXCLUDE (moe_run_id) FROM moe_selectivity WHERE moe_run_id = ? "
-                      "ORDER BY kind, target, measured", [run_id])
+                      "ORDER BY kind, grouping DESC, budget DESC, rowid", [run_id])
+
+
+def purge(ws: Workspace, run_id: int) -> list[dict]:
+    """Concept purge points (kind, concept, tau, n_removed, share_removed, losses and their baselines), τ descending."""
+    return _dicts(ws, "SELECT * EXCLUDE (moe_run_id) FROM moe_purge WHERE moe_run_id = ? ORDER BY kind, concept, tau DESC",
+                  [run_id])
+
+
+def correlation(ws: Workspace, run_id: int, kind: str, concept: str, limit: int = 20) -> list[dict]:
+    """The units of one kind most correlated with a concept (layer, expert, rho), ρ descending."""
+    return _dicts(ws, "SELECT layer, expert, rho FROM moe_correlation WHERE moe_run_id = ? AND kind = ? AND concept = ? "
+                      "AND rho IS NOT NULL ORDER BY rho DESC, layer, expert LIMIT ?", [run_id, kind, concept, limit])
 
 
 def k_curve(ws: Workspace, run_id: int) -> list[dict]:

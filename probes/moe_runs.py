@@ -14,17 +14,27 @@ Steps (domains balanced by sampling: ``probes.domains``):
 
 1. fit pass over the fit tokens (stopping after the deepest layer needed): MLP activations,
    routing, SAE inputs. MoEfication partitions each chosen layer; each kind's **specialists**
-   (Monet skew test, factor 2) are chosen on these tokens, not on the ones measured below.
+   (Monet skew test, factor 2) per domain and per token concept, its skew ranking, and each
+   unit's **concept correlation** ρ_e = Pearson(g_e(x), 1[x satisfies the concept]) are all
+   taken on these tokens, not on the ones measured below.
 2. evaluation pass over the eval tokens, dense: per-domain loss, and every kind's metrics by
    domain and by token concept (``ExpertSummary``: specialised share, entropy, purity, MI), all
    from the dense model's activations (the MoEfied scores are the top-k of those).
-3. k vs loss (moefied): every chosen layer routed top-k at once, for each k of the curve; the
-   MoEfied model at the run's k is the "MoE" whose experts are measured and masked.
-4. masking selectivity per kind: for each target domain, remove the kind's specialists of that
-   domain (moe: router logits −∞ before the top-k; moefied: expert scores −∞ before the top-k,
-   so its neurons are zeroed; neuron: zero them; sae: subtract the latents' decoded contribution,
-   keeping the SAE's error term) in every chosen layer; ΔLoss on every domain against the kind's
-   own baseline (moefied: the top-k model; the others: the dense model).
+3. k vs loss: moefied, every chosen layer routed top-k at once for each k of the curve (k = E is
+   the dense model), and the MoEfied model at the run's k is the "MoE" whose experts are
+   measured and masked; moe, every MoE layer re-routed top-k by its family's rule (the
+   config's k is the model itself).
+4. masking selectivity per kind, grouping (targets and measured groups are domains, or token
+   concepts) and budget: for each target, remove in every chosen layer either the kind's
+   specialists of it (``skew``: as many as pass Monet's test, so kinds differ in how much they
+   remove) or the ⌈share·E⌉ units most skewed towards it (``matched``: the same share of every
+   kind's units); moe: router logits −∞ before the top-k; moefied: expert scores −∞ before the
+   top-k, so its neurons are zeroed; neuron: zero them; sae: subtract the latents' decoded
+   contribution, keeping the SAE's error term. ΔLoss on every group against the kind's own
+   baseline (moefied: the top-k model; the others: the dense model).
+5. concept purge (Monet's toxicity purge, per token concept): for each τ, remove the units with
+   ρ_e > τ and measure the loss on target tokens that satisfy the concept against the loss on
+   the rest (the general loss); each distinct removal set runs one forward, shared with step 4.
 
 BOS (position 0) is never routed or masked (its activations are outliers); separators and BOS are
 left out of every metric. Everything is validated before the model runs, and the results are
@@ -37,6 +47,7 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 from pathlib import Path
 
 import numpy as np
@@ -44,16 +55,20 @@ import torch
 
 from probes import domains as dom
 from probes.experts import (
+    OTHER,
     ExpertSummary,
     SelectivityMatrix,
     _check_concepts,
+    concept_correlation,
     concept_groups,
+    concept_masks,
+    purge_curve,
     selectivity_matrix,
     summarise,
 )
 from probes.moefy import Partition, check_experts, check_k, expert_scores, moefy, topk_scores
 from probes.neurons import MLPSite, architecture_name, mlp_sites
-from probes.routing import RouterSpec, check_layers, expert_source, masked_experts, recorded_routing, router_spec
+from probes.routing import RouterSpec, check_layers, expert_source, recorded_routing, rerouted, router_spec
 from workbench.errors import WorkbenchError
 from workbench.hooks import attached, layer_of, validate_hooks
 
@@ -63,6 +78,8 @@ DEFAULT_K = 8
 KINDS = ("moe", "moefied", "sae", "neuron")
 KIND_LABELS = {"moe": "MoE experts (router)", "moefied": "MoEfied experts", "sae": "SAE latents", "neuron": "MLP neurons"}
 GROUPINGS = ("domain", "concept")
+BUDGETS = ("skew", "matched")  # which experts a masking removes: Monet's specialists, or the same share of every kind
+DEFAULT_PURGE_TAUS = (0.5, 0.3, 0.2, 0.1)
 SAE_ROWS = 4096  # tokens encoded at a time
 
 
@@ -101,7 +118,13 @@ class MoeRequest:
     factor: float = 2.0
     """Monet skew factor: specialised when mass ≥ factor × the runner-up domain's"""
     mask: tuple[str, ...] = KINDS
-    """kinds whose specialists are masked for the selectivity matrix"""
+    """kinds whose specialists are masked (selectivity matrices) and purged (concept purge curves)"""
+    budgets: tuple[str, ...] = BUDGETS
+    """masking budgets: skew (Monet's specialists, as many as pass the test) and/or matched (the same share of every kind)"""
+    matched_share: float = 1 / 16
+    """matched budget: the share of each kind's units removed per target (the most skewed towards it)"""
+    purge_taus: tuple[float, ...] = DEFAULT_PURGE_TAUS
+    """concept purge thresholds: remove the experts whose correlation ρ with the concept exceeds τ"""
     concepts: tuple[str, ...] | None = None
     """token concepts (default: all of probes.experts.CONCEPTS)"""
     device: str | None = None
@@ -125,6 +148,14 @@ class MoeRequest:
         unknown = [m for m in self.mask if m not in KINDS]
         if unknown:
             raise MoeRunError(f"unknown kind to mask {unknown[0]!r}; valid: {', '.join(KINDS)}")
+        unknown = [b for b in self.budgets if b not in BUDGETS]
+        if unknown or not self.budgets:
+            raise MoeRunError(f"unknown masking budget {unknown[0] if unknown else 'none'!r}; valid: {', '.join(BUDGETS)}")
+        if not 0 < self.matched_share < 1:
+            raise MoeRunError(f"--matched-share must be in (0, 1), got {self.matched_share}")
+        bad_tau = [t for t in self.purge_taus if not -1 <= t < 1]
+        if bad_tau:
+            raise MoeRunError(f"--purge-tau {bad_tau[0]} is out of range; a correlation threshold is in [-1, 1)")
         if any(layer < 0 for layer in self.layers):
             raise MoeRunError(f"layers are block indices ≥ 0, got {min(self.layers)}")
         _check_concepts(self.concepts)
@@ -169,12 +200,15 @@ def plan_run(model, request: MoeRequest, sae_record=None) -> Plan:
             if given is not None and given != own:
                 raise MoeRunError(f"{what} {given} does not match {arch}'s routing (E={spec.n_experts}, k={spec.k}); "
                                   f"leave {what} out for a MoE model")
-        if request.ks:
-            raise MoeRunError(f"--curve needs a MoEfied dense model; {arch} routes top-{spec.k} by its config")
+        for curve_k in request.ks:
+            if not 1 <= curve_k <= spec.n_experts:
+                raise MoeRunError(f"curve k={curve_k} is out of range; choose 1 ≤ k ≤ {spec.n_experts}")
         kinds = ["moe"] + (["sae"] if sae_record is not None else [])
-        plan = Plan(source, arch, layers, spec.n_experts, spec.k, [], kinds, [], spec=spec)
+        plan = Plan(source, arch, layers, spec.n_experts, spec.k, _curve_ks(request.ks, spec.n_experts, spec.k, upto=True),
+                    kinds, [], spec=spec)
         notices.append(f"{arch} is a {spec.family.name} MoE: E={spec.n_experts}, top-{spec.k}, "
-                       f"{'normalised' if spec.normalise else 'unnormalised'} weights; no k curve (k is fixed by the config)")
+                       f"{'normalised' if spec.normalise else 'unnormalised'} weights; the k curve re-routes every MoE "
+                       f"layer top-k by the same rule (k={spec.k} is the model itself)")
     else:
         sites = {s.layer: s for s in mlp_sites(model)}
         d_mlp = int(next(iter(sites.values())).w_out.shape[1])
@@ -185,10 +219,9 @@ def plan_run(model, request: MoeRequest, sae_record=None) -> Plan:
         for curve_k in request.ks:
             check_k(curve_k, n_experts)
         layers = sorted(set(request.layers)) or ([sae_layer] if sae_layer is not None else [n_layers // 2])
-        ks = sorted(set(request.ks) | {k}) if request.ks else sorted({2**i for i in range(int(math.log2(n_experts)) + 1)
-                                                                      if 2**i < n_experts} | {k})
         kinds = ["moefied", "neuron"] + (["sae"] if sae_record is not None else [])
-        plan = Plan(source, arch, layers, n_experts, k, ks, kinds, [], sites={L: sites[L] for L in layers})
+        plan = Plan(source, arch, layers, n_experts, k, _curve_ks(request.ks, n_experts, k, upto=False), kinds, [],
+                    sites={L: sites[L] for L in layers})
         notices.append(f"MoEfied {arch}: layer(s) {', '.join(map(str, layers))} split into E={n_experts} experts of "
                        f"{d_mlp // n_experts} neurons, top-{k} routing")
     if sae_record is not None:
@@ -204,6 +237,14 @@ def plan_run(model, request: MoeRequest, sae_record=None) -> Plan:
     plan.mask = [m for m in request.mask if m in plan.kinds]
     plan.notices = notices
     return plan
+
+
+def _curve_ks(asked: tuple[int, ...], n_experts: int, k: int, *, upto: bool) -> list[int]:
+    """The curve's k values: the ones asked for, else the powers of two below E (``upto``: up to E), plus k."""
+    if asked:
+        return sorted(set(asked) | {k})
+    powers = {2**i for i in range(int(math.log2(n_experts)) + 1)}
+    return sorted({p for p in powers if p < n_experts or (upto and p == n_experts)} | {k})
 
 
 # -- forward passes --------------------------------------------------------------------------
@@ -265,16 +306,67 @@ def _sae_encode(sae, acts: torch.Tensor) -> torch.Tensor:
         return torch.cat([sae.encode(acts[i : i + SAE_ROWS].float()).float() for i in range(0, acts.shape[0], SAE_ROWS)])
 
 
+# -- token groups ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TokenGroups:
+    """The labels of one token set (rows, ctx): its domains, its exclusive token concepts, and
+    each concept's own predicate (concepts overlap there). BOS and separators are −1 / False."""
+
+    domain_names: tuple[str, ...]
+    domain: torch.Tensor  # (rows, ctx) int64 into domain_names
+    concept_names: tuple[str, ...]  # the concepts, then "other"
+    concept: torch.Tensor  # (rows, ctx) int64 into concept_names: the first concept a token satisfies
+    hits: dict[str, torch.Tensor]  # concept -> (rows, ctx) bool: the token satisfies it
+
+    @classmethod
+    def of(cls, ids: torch.Tensor, domain: torch.Tensor, domain_names, vocab: np.ndarray, concepts) -> "TokenGroups":
+        strings = vocab[ids.reshape(-1).numpy()]
+        exclusive, concept_names = concept_groups(strings, concepts)
+        labelled = domain >= 0
+        exclusive = torch.from_numpy(exclusive).reshape(ids.shape).masked_fill(~labelled, -1)
+        hits = {name: torch.from_numpy(hit).reshape(ids.shape) & labelled
+                for name, hit in concept_masks(strings, concepts).items()}
+        return cls(tuple(domain_names), domain, concept_names, exclusive, hits)
+
+    def labels(self, grouping: str) -> tuple[torch.Tensor, tuple[str, ...]]:
+        return (self.domain, self.domain_names) if grouping == "domain" else (self.concept, self.concept_names)
+
+    def concept_split(self, concept: str) -> torch.Tensor:
+        """(rows, ctx) labels for a purge: 0 where the token satisfies ``concept``, 1 elsewhere, −1 unlabelled."""
+        return torch.where(self.domain < 0, -1, torch.where(self.hits[concept], 0, 1))
+
+
 # -- the result ------------------------------------------------------------------------------
 @dataclass
 class Masking:
-    """One kind's masking selectivity: the matrix and what was removed per target."""
+    """One kind's masking selectivity for one grouping and budget: the matrix and what was removed."""
 
     kind: str
+    grouping: str  # "domain" | "concept": what the targets and the measured groups are
+    budget: str  # "skew": the Monet specialists; "matched": the same share of every kind's units
     matrix: SelectivityMatrix
     n_masked: dict[str, int]  # target -> experts removed (over all layers)
     before: dict[str, float]
     after: dict[str, dict[str, float]]
+
+
+class PurgePoint(NamedTuple):
+    tau: float
+    n_removed: int  # experts with ρ > τ, over all layers
+    share_removed: float  # n_removed / the kind's units
+    concept_loss: float  # next-token loss where the target token satisfies the concept
+    other_loss: float  # ... where it does not
+
+
+@dataclass
+class Purge:
+    """Monet's purge for one kind and concept: remove the experts with ρ > τ, for each τ."""
+
+    kind: str
+    concept: str
+    concept_before: float
+    other_before: float
+    points: list[PurgePoint]
 
 
 @dataclass
@@ -289,6 +381,8 @@ class MoeResult:
     masking: list[Masking]
     routes: list[tuple[int, torch.Tensor, torch.Tensor]]  # (layer, experts (n, k), weights (n, k)) per eval token
     notices: list[str]
+    correlations: list[tuple[str, int, str, np.ndarray]] = field(default_factory=list)  # (kind, layer, concept, ρ (E,)) on fit tokens
+    purges: list[Purge] = field(default_factory=list)
     seconds: float = 0.0
 
     def config(self, request: MoeRequest) -> dict:
@@ -303,7 +397,7 @@ class MoeResult:
 
 def measure(loaded, plan: Plan, tokens: dom.DomainTokens, request: MoeRequest, *, corpus: str = "",
             progress: bool = False) -> MoeResult:
-    """Steps 1–4 of the module docstring on a loaded model (``corpus``: the spec the tokens came from); nothing is stored."""
+    """Steps 1–5 of the module docstring on a loaded model (``corpus``: the spec the tokens came from); nothing is stored."""
     import saes
     from data.vocab import token_strings
 
@@ -317,19 +411,22 @@ def measure(loaded, plan: Plan, tokens: dom.DomainTokens, request: MoeRequest, *
     capture_names = list(mlp_hooks.values()) + ([plan.sae.hook] if sae is not None else [])
     deepest = max(plan.layers + ([plan.sae_layer] if plan.sae_layer is not None else []))
     stop_at = deepest + 1 if deepest + 1 < model.cfg.n_layers and (sae is None or plan.sae_layer is not None) else None
+    vocab = np.asarray(token_strings(loaded.tokenizer), dtype=object)
+    fit_groups = TokenGroups.of(tokens.fit_tokens, tokens.fit_labels, names, vocab, request.concepts)
+    eval_groups = TokenGroups.of(tokens.eval_tokens, tokens.eval_labels, names, vocab, request.concepts)
+    concepts = [c for c in fit_groups.concept_names if c != OTHER]
 
     def routing():  # records the routers' choices (MoE model) or nothing
         return recorded_routing(model, plan.layers) if plan.source == "router" else nullcontext()
 
-    # 1. fit pass: partitions and specialists
+    # 1. fit pass: partitions, specialists, concept correlations
     fit = _Capture(capture_names)
     with routing() as fit_rec:
         _run(model, tokens.fit_tokens, fit.hooks(), request.batch_size, stop_at, "fit pass", progress)
-    fit_labels = tokens.fit_labels.reshape(-1)
+    fit_labelled = tokens.fit_labels.reshape(-1) >= 0
     partitions: dict[int, Partition] = {}
     for L, hook in mlp_hooks.items():
-        acts = fit[hook]
-        partitions[L] = moefy(acts[fit_labels >= 0], plan.n_experts, seed=request.seed)
+        partitions[L] = moefy(fit[hook][fit_labelled], plan.n_experts, seed=request.seed)
 
     def scores_of(kind: str, layer: int, capture: _Capture, recorder) -> torch.Tensor:
         if kind == "moe":
@@ -348,10 +445,17 @@ def measure(loaded, plan: Plan, tokens: dom.DomainTokens, request: MoeRequest, *
             out.append(("sae", plan.sae_layer if plan.sae_layer is not None else -1))
         return out
 
-    specialists: dict[tuple[str, int], ExpertSummary] = {}
+    specialists: dict[tuple[str, int, str], ExpertSummary] = {}
+    correlations: list[tuple[str, int, str, np.ndarray]] = []
     for kind, L in units():
-        specialists[(kind, L)] = summarise(scores_of(kind, L, fit, fit_rec), fit_labels, names, factor=request.factor,
-                                           balanced_purity=True, layer=L, kind=kind)
+        scores = scores_of(kind, L, fit, fit_rec)
+        for grouping in GROUPINGS:
+            labels, group_names = fit_groups.labels(grouping)
+            specialists[(kind, L, grouping)] = summarise(scores, labels.reshape(-1), group_names, factor=request.factor,
+                                                         balanced_purity=True, layer=L, kind=kind)
+        for concept in concepts:
+            rho = concept_correlation(scores[fit_labelled], fit_groups.hits[concept].reshape(-1)[fit_labelled].float())
+            correlations.append((kind, L, concept, rho))
     del fit, fit_rec
 
     # 2. evaluation pass, dense
@@ -361,17 +465,14 @@ def measure(loaded, plan: Plan, tokens: dom.DomainTokens, request: MoeRequest, *
                                         desc="dense eval", progress=progress)
     dense = dom.group_losses(dense_losses, tokens.eval_labels, names)
     dense["all"] = dom.mean_loss(dense_losses, tokens.eval_labels)
-    domain_labels = tokens.eval_labels.reshape(-1)
-    strings = np.asarray(token_strings(loaded.tokenizer), dtype=object)[tokens.eval_tokens.reshape(-1).numpy()]
-    concept_labels, concept_names = concept_groups(strings, request.concepts)
-    concept_labels = torch.from_numpy(concept_labels)
-    concept_labels[domain_labels < 0] = -1  # BOS and separators are no concept
     summaries: list[tuple[str, ExpertSummary]] = []
     notices = list(plan.notices) + list(tokens.notices)
     for kind, L in units():
         scores = scores_of(kind, L, capture, recorder)
-        for grouping, labels, group_names in (("domain", domain_labels, names), ("concept", concept_labels, concept_names)):
-            summary = summarise(scores, labels, group_names, factor=request.factor, balanced_purity=True, layer=L, kind=kind)
+        for grouping in GROUPINGS:
+            labels, group_names = eval_groups.labels(grouping)
+            summary = summarise(scores, labels.reshape(-1), group_names, factor=request.factor, balanced_purity=True,
+                                layer=L, kind=kind)
             summaries.append((grouping, summary))
             if summary.notice:
                 notices.append(f"{KIND_LABELS[kind]} layer {L} by {grouping}: {summary.notice}")
@@ -387,10 +488,12 @@ def measure(loaded, plan: Plan, tokens: dom.DomainTokens, request: MoeRequest, *
             routes.append((L, top.indices, top.values))
     del capture
 
-    def losses_with(hooks, desc: str, context=None) -> dict[str, float]:
+    def losses_with(hooks, desc: str, context=None) -> torch.Tensor:
         with context or nullcontext():
-            losses = dom.token_losses(model, tokens.eval_tokens, hooks=hooks, batch_size=request.batch_size, desc=desc,
-                                      progress=progress)
+            return dom.token_losses(model, tokens.eval_tokens, hooks=hooks, batch_size=request.batch_size, desc=desc,
+                                    progress=progress)
+
+    def by_domain(losses: torch.Tensor) -> dict[str, float]:
         out = dom.group_losses(losses, tokens.eval_labels, names)
         out["all"] = dom.mean_loss(losses, tokens.eval_labels)
         return out
@@ -400,43 +503,37 @@ def measure(loaded, plan: Plan, tokens: dom.DomainTokens, request: MoeRequest, *
         return [(mlp_hooks[L], _passthrough_bos(lambda a, L=L: routed(a, partitions[L], k, remove.get(L, ()))))
                 for L in plan.layers]
 
-    # 3. k vs loss
+    # 3. k vs loss: the MoEfied model at each k, or the MoE re-routed top-k (its own k is the "dense" reference)
     curve: list[tuple[int, str, float]] = []
-    at_k: dict[str, float] | None = None
+    baseline = {kind: dense_losses for kind in plan.kinds}
+    reference_k = plan.n_experts if plan.source == "moefied" else plan.k
     for k in plan.ks:
-        result = dict(dense) if k == plan.n_experts else losses_with(moefied_hooks(k), f"top-{k} of {plan.n_experts}")
-        curve.extend((k, group, loss) for group, loss in result.items())
-        if k == plan.k:
-            at_k = result
+        if k == reference_k:
+            losses = dense_losses
+        elif plan.source == "moefied":
+            losses = losses_with(moefied_hooks(k), f"top-{k} of {plan.n_experts}")
+        else:
+            losses = losses_with([], f"re-routed top-{k} of {plan.n_experts}", rerouted(model, k=k))
+        curve.extend((k, group, loss) for group, loss in by_domain(losses).items())
+        if plan.source == "moefied" and k == plan.k:
+            baseline["moefied"] = losses  # the MoEfied model whose experts are masked
 
-    # 4. masking selectivity
-    masking: list[Masking] = []
-    for kind in plan.mask:
-        unit_layers = [L for (knd, L) in units() if knd == kind]
-        before = at_k if kind == "moefied" else dense
-        before_domains = {d: before[d] for d in names if d in before}
-        after: dict[str, dict[str, float]] = {}
-        n_masked: dict[str, int] = {}
-        for target in names:
-            remove = {}
-            for L in unit_layers:
-                summary = specialists[(kind, L)]
-                if target in summary.names:
-                    experts = summary.specialised_in(target)
-                    if experts.size:
-                        remove[L] = experts
-            n_masked[target] = int(sum(len(v) for v in remove.values()))
-            if not remove:
-                after[target] = dict(before_domains)
-                continue
-            desc = f"mask {kind} of {target}"
+    # 4 and 5 share the ablated forwards: each removal set runs once per kind
+    memo: dict[tuple, torch.Tensor] = {}
+
+    def ablated(kind: str, remove: dict[int, np.ndarray], desc: str) -> torch.Tensor:
+        remove = {L: np.asarray(v, dtype=np.int64) for L, v in remove.items() if len(v)}
+        key = (kind, tuple(sorted((L, tuple(sorted(v.tolist()))) for L, v in remove.items())))
+        if not remove:
+            return baseline[kind]
+        if key not in memo:
             if kind == "moe":
-                result = losses_with([], desc, masked_experts(model, {L: v.tolist() for L, v in remove.items()}))
+                memo[key] = losses_with([], desc, rerouted(model, {L: v.tolist() for L, v in remove.items()}))
             elif kind == "moefied":
-                result = losses_with(moefied_hooks(plan.k, remove), desc)
+                memo[key] = losses_with(moefied_hooks(plan.k, remove), desc)
             elif kind == "neuron":
-                result = losses_with([(mlp_hooks[L], _passthrough_bos(lambda a, idx=torch.as_tensor(v): a.index_fill(-1, idx, 0.0)))
-                                      for L, v in remove.items()], desc)
+                memo[key] = losses_with([(mlp_hooks[L], _passthrough_bos(lambda a, idx=torch.as_tensor(v): a.index_fill(-1, idx, 0.0)))
+                                         for L, v in remove.items()], desc)
             else:
                 idx = torch.as_tensor(next(iter(remove.values())))
 
@@ -446,11 +543,62 @@ def measure(loaded, plan: Plan, tokens: dom.DomainTokens, request: MoeRequest, *
                     kept = z.index_fill(-1, idx, 0.0)
                     return (flat - (sae.decode(z) - sae.decode(kept)).to(flat.dtype)).reshape(a.shape)
 
-                result = losses_with([(plan.sae.hook, _passthrough_bos(ablate))], desc)
-            after[target] = {d: result[d] for d in names if d in result}
-        matrix = selectivity_matrix(before_domains, after)
-        masking.append(Masking(kind, matrix, n_masked, before_domains, after))
-    return MoeResult(loaded.name, plan, corpus, tokens, summaries, dense, curve, masking, routes, notices)
+                memo[key] = losses_with([(plan.sae.hook, _passthrough_bos(ablate))], desc)
+        return memo[key]
+
+    # 4. masking selectivity: per kind, grouping and budget
+    masking: list[Masking] = []
+    for kind in plan.mask:
+        unit_layers = [L for (knd, L) in units() if knd == kind]
+        for grouping in GROUPINGS:
+            labels, group_names = eval_groups.labels(grouping)
+            before = dom.group_losses(baseline[kind], labels, group_names)
+            fitted = {L: specialists[(kind, L, grouping)] for L in unit_layers}
+            targets = [g for g in group_names if g in before and g != OTHER and all(g in s.names for s in fitted.values())]
+            for budget in request.budgets:
+                after: dict[str, dict[str, float]] = {}
+                n_masked: dict[str, int] = {}
+                for target in targets:
+                    if budget == "skew":
+                        remove = {L: s.specialised_in(target) for L, s in fitted.items()}
+                    else:
+                        remove = {L: s.most_specialised_in(target, math.ceil(request.matched_share * s.n_experts))
+                                  for L, s in fitted.items()}
+                    n_masked[target] = int(sum(len(v) for v in remove.values()))
+                    losses = ablated(kind, remove, f"mask {kind} of {target} ({budget})")
+                    after[target] = dom.group_losses(losses, labels, group_names)
+                matrix = selectivity_matrix(before, after)
+                masking.append(Masking(kind, grouping, budget, matrix, n_masked, before, after))
+
+    # 5. concept purge: remove the experts whose ρ (fit tokens) exceeds τ
+    purges: list[Purge] = []
+    rho_of = {(kind, L, concept): rho for kind, L, concept, rho in correlations}
+    for kind in plan.mask:
+        unit_layers = [L for (knd, L) in units() if knd == kind]
+        for concept in concepts:
+            split = eval_groups.concept_split(concept)
+            pair = (concept, "rest")
+            before = dom.group_losses(baseline[kind], split, pair)
+            if concept not in before or "rest" not in before:
+                notices.append(f"purge {kind} by {concept}: skipped, no evaluation tokens {'with' if concept not in before else 'without'} it")
+                continue
+            curves = {L: purge_curve(rho_of[(kind, L, concept)]) for L in unit_layers}
+            total = sum(c.n_experts for c in curves.values())
+            points = []
+            for tau in sorted(request.purge_taus, reverse=True):
+                remove = {L: c.at(tau) for L, c in curves.items()}
+                if kind == "moe" and any(len(v) >= curves[L].n_experts for L, v in remove.items()):
+                    notices.append(f"purge moe by {concept} at τ={tau}: skipped, it would remove every expert of a layer")
+                    continue
+                losses = ablated(kind, remove, f"purge {kind} by {concept} at τ={tau}")
+                after = dom.group_losses(losses, split, pair)
+                n = int(sum(len(v) for v in remove.values()))
+                points.append(PurgePoint(float(tau), n, n / total, after[concept], after["rest"]))
+            purges.append(Purge(kind, concept, before[concept], before["rest"], points))
+
+    result = MoeResult(loaded.name, plan, corpus, tokens, summaries, dense, curve, masking, routes, notices,
+                       correlations, purges)
+    return result
 
 
 # -- the whole job ---------------------------------------------------------------------------
@@ -524,8 +672,8 @@ def _f(x, digits=3) -> str:
     return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
-def describe(run: dict, comparison: list[dict], curve: list[dict], selectivity: list[dict]) -> str:
-    """The comparison table, the k curve and the masking matrices of one stored run, as text."""
+def describe(run: dict, comparison: list[dict], curve: list[dict], selectivity: list[dict], purge: list[dict] = ()) -> str:
+    """The comparison table, the k curve, the masking matrices and the purge curves of one stored run, as text."""
     lines = [f"moe run {run['moe_run_id']}: {run['model']} ({run['architecture']}, {run['source']}), layers "
              f"{', '.join(map(str, run['layers']))}, E={run['n_experts']}, k={run['k']}"
              + (f", SAE {run['sae']}" if run["sae"] else "") + f"; corpus {run['corpus']}, "
@@ -533,9 +681,10 @@ def describe(run: dict, comparison: list[dict], curve: list[dict], selectivity: 
              f"  {run['balance']}"]
     lines += [f"  note: {n}" for n in run["notices"]]
     if curve:
+        reference = "dense" if run["source"] == "moefied" else f"own top-{run['k']}"
         dense = next(c["dense_loss"] for c in curve if c["grp"] == "all")
-        parts = [f"k={c['k']}: {c['loss']:.3f} (+{c['loss'] - dense:.3f})" for c in curve if c["grp"] == "all"]
-        lines.append(f"k vs loss (all domains; dense {dense:.3f}): " + ", ".join(parts))
+        parts = [f"k={c['k']}: {c['loss']:.3f} ({c['loss'] - dense:+.3f})" for c in curve if c["grp"] == "all"]
+        lines.append(f"k vs loss (all domains; {reference} {dense:.3f}): " + ", ".join(parts))
     lines.append("comparison (means over live experts; purity with per-group-normalised mass):")
     head = f"  {'kind':<8} {'layer':>5} {'grouping':<8} {'experts':>7} {'dead':>5} {'specialised':>11} {'entropy':>7} {'purity':>6} {'MI nats':>7} {'MI norm':>7}"
     lines.append(head)
@@ -543,13 +692,14 @@ def describe(run: dict, comparison: list[dict], curve: list[dict], selectivity: 
         lines.append(f"  {row['kind']:<8} {row['layer']:>5} {row['grouping']:<8} {row['experts']:>7} {row['dead']:>5} "
                      f"{_f(row['specialised_share']):>11} {_f(row['mean_entropy']):>7} {_f(row['mean_purity']):>6} "
                      f"{_f(row['mi_nats'], 4):>7} {_f(row['mi_norm'], 4):>7}")
-    kinds = list(dict.fromkeys(r["kind"] for r in selectivity))
-    for kind in kinds:
-        rows = [r for r in selectivity if r["kind"] == kind]
+    for kind, grouping, budget in dict.fromkeys((r["kind"], r["grouping"], r["budget"]) for r in selectivity):
+        rows = [r for r in selectivity if (r["kind"], r["grouping"], r["budget"]) == (kind, grouping, budget)]
         measured = list(dict.fromkeys(r["measured"] for r in rows))
         targets = list(dict.fromkeys(r["target"] for r in rows))
         width = max(len(m) for m in measured + ["target"]) + 1
-        lines.append(f"masking selectivity, {KIND_LABELS.get(kind, kind)} (ΔLoss; row: specialists of the target removed):")
+        removed = "Monet's specialists" if budget == "skew" else "the same share of units, most skewed first"
+        lines.append(f"masking selectivity, {KIND_LABELS.get(kind, kind)} by {grouping}, {budget} budget "
+                     f"(ΔLoss; row: {removed} of the target removed):")
         lines.append(f"  {'target':<{width}} {'removed':>7} " + " ".join(f"{m:>{width}}" for m in measured) + f" {'selectivity':>11}")
         for target in targets:
             cells = {r["measured"]: r for r in rows if r["target"] == target}
@@ -557,4 +707,13 @@ def describe(run: dict, comparison: list[dict], curve: list[dict], selectivity: 
             lines.append(f"  {target:<{width}} {first['n_masked']:>7} "
                          + " ".join(f"{cells[m]['delta_loss']:>+{width}.3f}" for m in measured)
                          + f" {_f(first['selectivity']):>11}")
+    for kind in dict.fromkeys(r["kind"] for r in purge):
+        lines.append(f"concept purge, {KIND_LABELS.get(kind, kind)} (remove units with ρ > τ; Δ loss on the concept's "
+                     "tokens / on the rest):")
+        for concept in dict.fromkeys(r["concept"] for r in purge if r["kind"] == kind):
+            points = [r for r in purge if (r["kind"], r["concept"]) == (kind, concept)]
+            parts = [f"τ={r['tau']:g}: {r['n_removed']} ({100 * r['share_removed']:.1f} %) "
+                     f"{r['concept_loss'] - r['concept_before']:+.3f} / {r['other_loss'] - r['other_before']:+.3f}"
+                     for r in points]
+            lines.append(f"  {concept:<14} " + "; ".join(parts))
     return "\n".join(lines)

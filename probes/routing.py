@@ -24,12 +24,13 @@ selected experts and weights are exactly what the layer used. (The TransformerLe
 transformer-lens 3.9 hooks the last tuple element, i.e. ``top_k_index`` under transformers 5.x;
 ``blocks.L.mlp.hook_router_scores`` never fires, because 5.x sparse blocks return a plain tensor.)
 
-Masking (Monet): a forward hook on the Hugging Face router sets the removed experts' logits to
-−∞ (sigmoid scores to 0 and their choice scores to −∞) *before* the top-k and recomputes the
-weights with the family rule above, so the remaining experts are renormalised exactly as the
-family renormalises. A token left with fewer than k allowed experts keeps the ones it has
-(the extra slots get weight 0). With nothing removed the recomputation reproduces the model's own
-routing (tested per family).
+Masking (Monet) and re-routing: a forward hook on the Hugging Face router sets the removed
+experts' logits to −∞ (sigmoid scores to 0 and their choice scores to −∞) *before* the top-k and
+recomputes the weights with the family rule above, optionally with another k (the k-vs-loss
+curve of a MoE model), so the remaining experts are renormalised exactly as the family
+renormalises. A token left with fewer than k allowed experts keeps the ones it has (the extra
+slots get weight 0). With nothing removed and the config's k the recomputation reproduces the
+model's own routing (tested per family); every family's expert block accepts any number of slots.
 
 A model with no MoE layer is not an error here: ``expert_source`` says whether to route
 ("router") or to MoEfy its dense MLPs ("moefied"), and refuses, naming the architecture, a model
@@ -217,11 +218,13 @@ def route_logits(spec: RouterSpec, logits: torch.Tensor, removed: torch.Tensor |
         keep = torch.zeros_like(group_score).scatter_(1, group_score.topk(spec.topk_group, dim=-1).indices, 1.0)
         choice = choice.masked_fill(~keep.bool().repeat_interleave(per, dim=1), float("-inf"))
     choice = choice.masked_fill(removed, float("-inf"))
-    indices = choice.topk(spec.k, dim=-1).indices  # (n, k)
-    weights = scores.gather(1, indices)  # (n, k)
+    chosen = choice.topk(spec.k, dim=-1)  # (n, k)
+    indices = chosen.indices
+    allowed = chosen.values > float("-inf")  # a slot the rule cannot fill (removed or outside the kept groups)
+    weights = scores.gather(1, indices).masked_fill(~allowed, 0.0)  # (n, k)
     if spec.normalise:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    weights = (weights * spec.scale).masked_fill(removed[indices], 0.0)
+    weights = weights * spec.scale
     return _canonical(indices, weights)
 
 
@@ -300,12 +303,16 @@ def recorded_routing(model, layers: Iterable[int] | None = None) -> Iterator[Rou
 
 # -- masking ---------------------------------------------------------------------------------
 @contextmanager
-def masked_experts(model, remove: Mapping[int, Iterable[int]]) -> Iterator[None]:
-    """Remove experts per layer ({layer: experts}) for the forwards inside; always unhooks."""
+def rerouted(model, remove: Mapping[int, Iterable[int]] | None = None, k: int | None = None) -> Iterator[None]:
+    """Route every MoE layer top-``k`` (default: the config's k) and remove experts per layer
+    ({layer: experts}) for the forwards inside; always unhooks."""
     spec = router_spec(model)
     by_layer = {m.layer: m for m in moe_layers(model)}
-    plan = []
-    for layer, experts in remove.items():
+    if k is not None and not 1 <= k <= spec.n_experts:
+        raise RoutingError(f"k={k} is out of range for {spec.n_experts} experts; choose 1 ≤ k ≤ {spec.n_experts}")
+    routed_spec = spec if k is None else spec._replace(k=int(k))
+    masks = {layer: torch.zeros(spec.n_experts, dtype=torch.bool) for layer in (by_layer if k is not None else ())}
+    for layer, experts in (remove or {}).items():
         experts = sorted({int(e) for e in experts})
         if layer not in by_layer:
             raise RoutingError(f"layer {layer} has no router; MoE layers: {', '.join(map(str, by_layer))}")
@@ -314,16 +321,14 @@ def masked_experts(model, remove: Mapping[int, Iterable[int]]) -> Iterator[None]
         if len(experts) >= spec.n_experts:
             raise RoutingError(f"removing all {spec.n_experts} experts of layer {layer} leaves nothing to route to")
         if experts:
-            mask = torch.zeros(spec.n_experts, dtype=torch.bool)
-            mask[experts] = True
-            plan.append((by_layer[layer].router, mask))
+            masks.setdefault(layer, torch.zeros(spec.n_experts, dtype=torch.bool))[experts] = True
 
     def hook_for(router: torch.nn.Module, mask: torch.Tensor):
         def hook(module, args, output):
             parts = _unpack(output, spec)
             logits = parts["logits"]
             bias = getattr(router, spec.family.choice_bias, None) if spec.family.choice_bias else None
-            routing = route_logits(spec, logits, mask, bias)
+            routing = route_logits(routed_spec, logits, mask, bias)
             new = {
                 "logits": logits.masked_fill(mask.to(logits.device), float("-inf")),
                 "weights": routing.weights.to(parts["weights"].dtype),
@@ -335,9 +340,15 @@ def masked_experts(model, remove: Mapping[int, Iterable[int]]) -> Iterator[None]
 
     handles = []
     try:
-        for router, mask in plan:
+        for layer, mask in masks.items():
+            router = by_layer[layer].router
             handles.append(router.register_forward_hook(hook_for(router, mask)))
         yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+def masked_experts(model, remove: Mapping[int, Iterable[int]]):
+    """Remove experts per layer ({layer: experts}) for the forwards inside (``rerouted`` at the config's k)."""
+    return rerouted(model, remove)

@@ -41,6 +41,8 @@ def cmd_moe_run(args: argparse.Namespace) -> None:
         model=args.model, layers=tuple(args.layer or ()), n_experts=args.experts, k=args.k, ks=tuple(args.curve or ()),
         sae=args.sae, corpus=args.corpus, eval_tokens=args.tokens, fit_tokens=args.fit_tokens, ctx=args.ctx,
         batch_size=args.batch, seed=args.seed, factor=args.factor, mask=tuple(args.mask) if args.mask else MoeRequest.mask,
+        budgets=tuple(args.budget) if args.budget else MoeRequest.budgets, matched_share=args.matched_share,
+        purge_taus=tuple(args.purge_tau) if args.purge_tau else MoeRequest.purge_taus,
         concepts=tuple(args.concept) if args.concept else None, device=args.device,
     )
     _check_db(args.db, must_exist=False)
@@ -48,7 +50,7 @@ def cmd_moe_run(args: argparse.Namespace) -> None:
     with Workspace(args.db, read_only=True) as ws:
         run = next(r for r in moe_records.runs(ws) if r["moe_run_id"] == run_id)
         print(describe(run, moe_records.comparison(ws, run_id), moe_records.k_curve(ws, run_id),
-                       moe_records.selectivity(ws, run_id)))
+                       moe_records.selectivity(ws, run_id), moe_records.purge(ws, run_id)))
     print(f"stored as moe run {run_id} in {args.db} ({result.seconds:.0f} s)")
 
 
@@ -64,7 +66,7 @@ def show_text(ws, run_id: int | None = None) -> str:
         if run_id is None or run["moe_run_id"] == run_id:
             rid = run["moe_run_id"]
             parts.append(describe(run, moe_records.comparison(ws, rid), moe_records.k_curve(ws, rid),
-                                  moe_records.selectivity(ws, rid)))
+                                  moe_records.selectivity(ws, rid), moe_records.purge(ws, rid)))
     if run_id is not None and not parts:
         known = ", ".join(str(r["moe_run_id"]) for r in moe_records.runs(ws)) or "none"
         raise ProbeCliError(f"no moe run {run_id} in {ws.path.name}; stored runs: {known}")
@@ -89,35 +91,15 @@ def cmd_moe_show(args: argparse.Namespace) -> None:
         print(show_text(ws, args.run))
 
 
-def read_labelled(path: Path) -> tuple[list[str], list]:
-    """(texts, labels) from a JSONL file with a "text" and a "label" field per line."""
-    import json
-
-    if not path.is_file():
-        raise ProbeCliError(f"no labelled texts at {path}: give a .jsonl file with \"text\" and \"label\" on each line")
-    texts, labels = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            text, label = row["text"], row["label"]
-        except (ValueError, KeyError, TypeError):
-            raise ProbeCliError(f"{path}:{number}: expected a JSON object with \"text\" and \"label\"") from None
-        texts.append(str(text))
-        labels.append(label)
-    if not texts:
-        raise ProbeCliError(f"{path} holds no labelled texts")
-    return texts, labels
-
-
 def cmd_probe(args: argparse.Namespace) -> None:
     from probes import moe_records
     from probes.probing import DEFAULT_KS, format_table, probe_texts, sparse_probing
     from workbench.workspace import Workspace, ensure_not_busy, fetch_one
 
+    from data.labelled import load_labelled
+
     _check_db(args.db, must_exist=True)
-    texts = read_labelled(args.texts) if args.texts else None
+    texts = load_labelled(args.texts, text_field=args.text_field, label_field=args.label_field) if args.texts else None
     ensure_not_busy(args.db)
     ks = tuple(args.k or DEFAULT_KS)
     common = dict(ks=ks, max_per_class=args.max_per_class, min_per_class=args.min_per_class, seed=args.seed,
@@ -132,8 +114,8 @@ def cmd_probe(args: argparse.Namespace) -> None:
 
             record = resolve_sae(ws, args.sae)
             model = fetch_one(ws.con, "SELECT model FROM runs WHERE run_id = ?", [record.run_id])[0]
-            result = probe_texts(ws, args.sae, texts[0], texts[1], load_model(model, device=args.device), **common)
-            dataset = str(args.texts)
+            result = probe_texts(ws, args.sae, texts.texts, texts.labels, load_model(model, device=args.device), **common)
+            dataset = texts.source
         probe_id = moe_records.save_probing(ws, result, dataset)
     print(format_table(result))
     print(f"stored as probe run {probe_id} in {args.db}")
@@ -142,8 +124,9 @@ def cmd_probe(args: argparse.Namespace) -> None:
 # -- parser ------------------------------------------------------------------------------------
 def register(sub) -> None:
     """Add `moe run`, `moe show` and `probe` to the ``workbench`` subparsers ``sub``."""
+    from data.labelled import LABELLED_SPEC_HELP
     from probes.experts import CONCEPTS
-    from probes.moe_runs import DEFAULT_EXPERTS, DEFAULT_K, KINDS
+    from probes.moe_runs import BUDGETS, DEFAULT_EXPERTS, DEFAULT_K, DEFAULT_PURGE_TAUS, KINDS
     from probes.probing import DEFAULT_MAX_PER_CLASS, DEFAULT_MIN_PER_CLASS
     from probes.routing import FAMILIES
 
@@ -162,7 +145,8 @@ def register(sub) -> None:
     p.add_argument("--layer", type=_integer, action="append", help="block index; repeat (default: the SAE's layer, else the middle one; all MoE layers)")
     p.add_argument("--experts", type=_integer, default=None, help=f"MoEfication: experts per layer, must divide d_mlp (default {DEFAULT_EXPERTS})")
     p.add_argument("--k", type=_integer, default=None, help=f"MoEfication: experts kept per token (default {DEFAULT_K})")
-    p.add_argument("--curve", type=_integer, action="append", help="k of the k-vs-loss curve; repeat (default: powers of two below E, and --k)")
+    p.add_argument("--curve", type=_integer, action="append",
+                   help="k of the k-vs-loss curve; repeat (default: powers of two below E, and --k; a MoE model: up to E)")
     p.add_argument("--sae", default=None, help="SAE name or id in the workspace whose latents join the comparison")
     p.add_argument("--corpus", default=None, help="corpus spec (default: the workspace's corpus, else stdlib)")
     p.add_argument("--tokens", type=_integer, default=512, help="evaluation tokens per domain")
@@ -171,7 +155,13 @@ def register(sub) -> None:
     p.add_argument("--batch", type=_integer, default=24, help="contexts per forward (memory grows with it: logits are batch × ctx × vocab)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--factor", type=float, default=2.0, help="Monet skew factor (specialised: mass ≥ factor × runner-up)")
-    p.add_argument("--mask", action="append", help=f"kind whose specialists are masked: {', '.join(KINDS)}; repeat (default: all present)")
+    p.add_argument("--mask", action="append", help=f"kind whose specialists are masked and purged: {', '.join(KINDS)}; repeat (default: all present)")
+    p.add_argument("--budget", action="append", help=f"masking budget: {', '.join(BUDGETS)} (skew: Monet's specialists; matched: "
+                                                     "--matched-share of every kind's units); repeat (default: both)")
+    p.add_argument("--matched-share", type=float, default=1 / 16, help="matched budget: share of each kind's units removed per target (default 1/16)")
+    p.add_argument("--purge-tau", type=float, action="append",
+                   help="concept purge: remove units whose correlation with the concept exceeds τ; repeat "
+                        f"(default {', '.join(map(str, DEFAULT_PURGE_TAUS))})")
     p.add_argument("--concept", action="append", help=f"token concept: {', '.join(CONCEPTS)}; repeat (default: all)")
     p.add_argument("--device", default=None)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -190,9 +180,11 @@ def register(sub) -> None:
     p.add_argument("--k", type=_integer, action="append", help="features per sparse probe; repeat (default 1, 2, 5)")
     p.add_argument("--max-per-class", type=_integer, default=DEFAULT_MAX_PER_CLASS)
     p.add_argument("--min-per-class", type=_integer, default=DEFAULT_MIN_PER_CLASS, help="tasks with fewer examples are skipped")
-    p.add_argument("--texts", type=Path, default=None,
-                   help="probe these labelled texts instead of the corpus domains: JSONL with \"text\" and \"label\" per line "
+    p.add_argument("--texts", default=None,
+                   help=f"probe these labelled texts instead of the corpus domains: {LABELLED_SPEC_HELP} "
                         "(one task per label, run live through the SAE's model)")
+    p.add_argument("--text-field", default="text", help="the texts' field or column (default: text)")
+    p.add_argument("--label-field", default="label", help="the labels' field or column (default: label)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.add_argument("--quiet", action="store_true", help="no progress bars")

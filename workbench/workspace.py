@@ -39,6 +39,13 @@ Version 5 adds the expert probes (``workbench moe``) and sparse probing (``workb
     probe_runs(probe_run_id, sae, hook, dataset, ks, seed, skipped, created_at)   dataset: 'domains' or a texts file
     probe_results(probe_run_id, task, source, k, accuracy, n_train, n_test, split, features)
 
+Version 6 masks by token concept and at matched budgets, and adds Monet's concept purge::
+
+    moe_selectivity(..., grouping, budget)       grouping 'domain' | 'concept'; budget 'skew' | 'matched'
+    moe_correlation(moe_run_id, kind, layer, concept, expert, rho)     ρ on the fit tokens
+    moe_purge(moe_run_id, kind, concept, tau, n_removed, share_removed, concept_loss, other_loss,
+              concept_before, other_before)
+
 Activations are stored one row per (hook, context) as a raw little-endian blob of 2-byte floats:
 DuckDB has no 16-bit float type, and whole contexts are what every reader (training, analysis)
 consumes. Every write goes through ``transaction()``, so a crash leaves only whole batches.
@@ -55,7 +62,7 @@ import duckdb
 
 from workbench.errors import WorkbenchError
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # Migration N takes a workspace from version N-1 to N. Append, never edit.
 MIGRATIONS: dict[int, str] = {
@@ -358,6 +365,30 @@ MIGRATIONS: dict[int, str] = {
         n_test       INTEGER NOT NULL,
         split        VARCHAR NOT NULL,
         features     INTEGER[] NOT NULL
+    );
+    """,
+    6: """
+    ALTER TABLE moe_selectivity ADD COLUMN grouping VARCHAR DEFAULT 'domain';
+    ALTER TABLE moe_selectivity ADD COLUMN budget VARCHAR DEFAULT 'skew';
+    CREATE TABLE moe_correlation (
+        moe_run_id INTEGER NOT NULL,
+        kind       VARCHAR NOT NULL,
+        layer      INTEGER NOT NULL,
+        concept    VARCHAR NOT NULL,
+        expert     INTEGER NOT NULL,
+        rho        DOUBLE
+    );
+    CREATE TABLE moe_purge (
+        moe_run_id     INTEGER NOT NULL,
+        kind           VARCHAR NOT NULL,
+        concept        VARCHAR NOT NULL,
+        tau            DOUBLE NOT NULL,
+        n_removed      INTEGER NOT NULL,
+        share_removed  DOUBLE NOT NULL,
+        concept_loss   DOUBLE NOT NULL,
+        other_loss     DOUBLE NOT NULL,
+        concept_before DOUBLE NOT NULL,
+        other_before   DOUBLE NOT NULL
     );
     """,
 }

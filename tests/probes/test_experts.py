@@ -62,6 +62,25 @@ def test_hand_built_router_gives_the_known_masses_specialists_and_purity():
     np.testing.assert_allclose(s.entropy, [h(0.7, 0.3), h(0.6, 0.4), h(0.5, 0.5)])
 
 
+def test_skew_ranking_orders_an_experts_own_group_by_its_ratio_to_the_runner_up():
+    mass = np.array([  # (D=3, E=6)
+        [0.9, 0.6, 0.3, 0.0, 0.2, 0.5],
+        [0.3, 0.1, 0.0, 0.4, 0.2, 0.5],
+        [0.0, 0.2, 0.0, 0.1, 0.1, 0.0],
+    ])
+    # group 0: expert 2 has no other mass (ratio ∞), then 1 (0.6/0.2 = 3), then 0 (0.9/0.3 = 3, more mass first),
+    # then 4 (0.2/0.2 = 1, its strongest group ties with group 1 and argmax picks 0); 5 ties with group 1 -> group 0 by argmax
+    assert ex.skew_ranking(mass, 0).tolist() == [2, 0, 1, 5, 4]
+    assert ex.skew_ranking(mass, 1).tolist() == [3]
+    assert ex.skew_ranking(mass, 2).tolist() == []
+    scores = ex.dense_scores(torch.tensor([[0], [1], [1]]), torch.tensor([[1.0], [1.0], [1.0]]), 6)  # (3 tokens, 6)
+    summary = summarise(scores, torch.tensor([0, 1, 0]), ["a", "b"])  # expert 1: mass 0.5 on a, 1.0 on b
+    assert summary.most_specialised_in("a", 3).tolist() == [0] and summary.most_specialised_in("b", 3).tolist() == [1]
+    assert summary.most_specialised_in("b", 0).size == 0
+    with pytest.raises(ex.ExpertsError, match="group 3 is out of range for 3 groups"):
+        ex.skew_ranking(mass, 3)
+
+
 def test_skew_factor_is_a_parameter_and_the_boundary_counts():
     mass = np.array([[0.4, 0.30, 0.0], [0.2, 0.15, 0.0]])  # (D=2, E=3); e0 exactly 2×, e1 exactly 2×, e2 dead
     assert specialists(mass).tolist() == [0, 0, -1]

@@ -3,6 +3,7 @@
 SAE of width 64) MoEfied into 8 experts, and a tiny random Mixtral routed by its own routers."""
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 
 from data import load_corpus
 from probes import moe_records
+from probes.experts import CONCEPTS
 from probes.moe_runs import routed
 from probes.moefy import Partition, mask_to_topk
 from workbench.caching import ActivationCacher, CacheRequest
@@ -105,7 +107,9 @@ def test_a_moefied_run_stores_the_table_the_matrix_and_the_curve(moe_db, moefied
             assert 0 <= r["specialised_share"] <= 1 and 0 <= r["mi_norm"] <= 1
             n_groups = 3 if r["grouping"] == "domain" else 6  # purity is at least 1 / (number of groups)
             assert r["mean_purity"] is None or 1 / n_groups - 1e-9 <= r["mean_purity"] <= 1
-        sel = moe_records.selectivity(ws, run_id)
+        every = moe_records.selectivity(ws, run_id)
+        assert {(r["grouping"], r["budget"]) for r in every} == {(g, b) for g in ("domain", "concept") for b in ("skew", "matched")}
+        sel = [r for r in every if (r["grouping"], r["budget"]) == ("domain", "skew")]
         for kind in ("moefied", "sae", "neuron"):
             rows = [r for r in sel if r["kind"] == kind]
             assert len(rows) == 9  # 3 targets × 3 measured domains
@@ -136,6 +140,94 @@ def test_a_moefied_run_stores_the_table_the_matrix_and_the_curve(moe_db, moefied
         groups = moe_records.groups(ws, run_id)
         assert {r["grp"] for r in groups if r["grouping"] == "domain"} == {"code", "numbers", "prose"}
         assert sum(r["tokens"] for r in groups if r["grouping"] == "domain" and r["kind"] == "neuron") == run["eval_tokens"]
+
+
+def test_concept_masking_matched_budgets_and_purge_curves_are_stored(moe_db, moefied_run):
+    run_id, result = moefied_run
+    widths = {"moefied": 8, "sae": 64, "neuron": 192}
+    with Workspace(moe_db, read_only=True) as ws:
+        sel = moe_records.selectivity(ws, run_id)
+        purge = moe_records.purge(ws, run_id)
+        correlation = {(kind, concept): moe_records.correlation(ws, run_id, kind, concept, limit=10_000)
+                       for kind in widths for concept in ("digits", "punctuation")}
+    for kind, width in widths.items():
+        concept_rows = [r for r in sel if (r["kind"], r["grouping"], r["budget"]) == (kind, "concept", "skew")]
+        targets = {r["target"] for r in concept_rows}
+        assert "other" not in targets and targets <= set(CONCEPTS)  # concepts are targets; the rest is only measured
+        assert "other" in {r["measured"] for r in concept_rows}
+        matched = [r for r in sel if (r["kind"], r["budget"]) == (kind, "matched")]
+        assert matched and all(r["n_masked"] <= math.ceil(width / 16) for r in matched)
+        assert any(r["n_masked"] == math.ceil(width / 16) for r in matched)  # the budget is used where experts exist
+    for kind, width in widths.items():
+        for concept in ("digits", "punctuation"):
+            points = [r for r in purge if (r["kind"], r["concept"]) == (kind, concept)]
+            assert [r["tau"] for r in points] == [0.5, 0.3, 0.2, 0.1]
+            rho = [r["rho"] for r in correlation[(kind, concept)]]
+            for r in points:  # the stored correlations say how many units each τ removes
+                assert r["n_removed"] == sum(v > r["tau"] for v in rho)
+                assert r["share_removed"] == pytest.approx(r["n_removed"] / width)
+                if r["n_removed"] == 0:
+                    assert (r["concept_loss"], r["other_loss"]) == (r["concept_before"], r["other_before"])
+            assert [r["n_removed"] for r in points] == sorted(r["n_removed"] for r in points)  # lower τ removes more
+            assert all(-1 <= v <= 1 for v in rho)
+
+
+def test_the_neuron_purge_equals_zeroing_those_neurons_in_the_hugging_face_mlp(moe_db, moefied_run, tiny):
+    """An independent path: a forward pre-hook on the HF down_proj zeroes the purged neurons (BOS untouched)."""
+    from data.vocab import token_strings
+    from probes.experts import concept_masks
+
+    run_id, result = moefied_run
+    with Workspace(moe_db, read_only=True) as ws:
+        purge = [r for r in moe_records.purge(ws, run_id) if r["kind"] == "neuron" and 0 < r["n_removed"]]
+        point = max(purge, key=lambda r: r["n_removed"])
+        rho = moe_records.correlation(ws, run_id, "neuron", point["concept"], limit=10_000)
+    removed = torch.tensor([r["expert"] for r in rho if r["rho"] > point["tau"]])
+    tokens = result.tokens.eval_tokens
+    proj = tiny.model.original_model.model.layers[1].mlp.down_proj
+
+    def zero(module, inputs):
+        (a,) = inputs
+        a = a.clone()
+        a[:, 1:, removed] = 0.0
+        return (a,)
+
+    handle = proj.register_forward_pre_hook(zero)
+    try:
+        with torch.inference_mode():
+            logits = tiny.model.original_model(tokens).logits[:, :-1].float()
+    finally:
+        handle.remove()
+    losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")
+    strings = np.asarray(token_strings(tiny.tokenizer), dtype=object)[tokens[:, 1:].reshape(-1).numpy()]
+    hit = torch.from_numpy(concept_masks(strings, [point["concept"]])[point["concept"]])
+    labelled = (result.tokens.eval_labels[:, 1:] >= 0).reshape(-1)
+    flat = losses.reshape(-1).double()
+    assert point["concept_loss"] == pytest.approx(float(flat[hit & labelled].mean()), abs=2e-5)
+    assert point["other_loss"] == pytest.approx(float(flat[~hit & labelled].mean()), abs=2e-5)
+
+
+def test_a_schema_v5_run_is_migrated_and_still_shown(moe_db, moefied_run, main, capsys, tmp_path):
+    import duckdb
+
+    db = tmp_path / "v5.duckdb"
+    db.write_bytes(moe_db.read_bytes())
+    con = duckdb.connect(str(db))  # roll back to v5: selectivity without grouping / budget, no purge tables
+    con.execute("DELETE FROM moe_selectivity WHERE grouping <> 'domain' OR budget <> 'skew'")
+    con.execute("ALTER TABLE moe_selectivity DROP COLUMN grouping")
+    con.execute("ALTER TABLE moe_selectivity DROP COLUMN budget")
+    con.execute("DROP TABLE moe_purge")
+    con.execute("DROP TABLE moe_correlation")
+    con.execute("UPDATE schema_version SET version = 5")
+    con.close()
+    with Workspace(db) as ws:  # a writer migrates
+        assert ws.schema_version() == 6
+        rows = moe_records.selectivity(ws, moefied_run[0])
+        assert rows and {(r["grouping"], r["budget"]) for r in rows} == {("domain", "skew")}
+        assert moe_records.purge(ws, moefied_run[0]) == []
+    assert main(["moe", "show", "--db", str(db)]) == 0
+    out = capsys.readouterr().out
+    assert "by domain, skew budget" in out and "concept purge" not in out
 
 
 def test_stored_mass_matches_a_naive_recomputation(moe_db, moefied_run, tiny):
@@ -206,7 +298,7 @@ def test_a_moe_model_is_routed_by_its_own_routers(tmp_path, main, capsys):
     run = ["moe", "run", "--db", str(db), "--model", str(model), "--corpus", str(corpus), "--tokens", "64",
            "--fit-tokens", "128", "--ctx", "32", "--quiet"]
     assert "--experts 8 does not match MixtralForCausalLM's routing (E=4, k=2)" in bad(main, [*run, "--experts", "8"], capsys)
-    assert "--curve needs a MoEfied dense model" in bad(main, [*run, "--curve", "1"], capsys)
+    assert "curve k=5 is out of range; choose 1 ≤ k ≤ 4" in bad(main, [*run, "--curve", "5"], capsys)
     assert main(run) == 0
     out = capsys.readouterr().out
     assert "mixtral MoE: E=4, top-2" in out and "masking selectivity, MoE experts (router)" in out
@@ -214,7 +306,11 @@ def test_a_moe_model_is_routed_by_its_own_routers(tmp_path, main, capsys):
         (stored,) = moe_records.runs(ws)
         assert stored["source"] == "router" and stored["layers"] == [0, 1] and (stored["n_experts"], stored["k"]) == (4, 2)
         assert {(r["kind"], r["layer"]) for r in moe_records.comparison(ws, 1)} == {("moe", 0), ("moe", 1)}
-        assert not moe_records.k_curve(ws, 1)
+        curve = moe_records.k_curve(ws, 1)  # re-routed top-k of every MoE layer; k=2 is the model itself
+        assert sorted({r["k"] for r in curve}) == [1, 2, 4]
+        at = {(r["k"], r["grp"]): (r["loss"], r["dense_loss"]) for r in curve}
+        assert all(at[(2, g)][0] == at[(2, g)][1] for g in ("all", "code", "numbers", "prose"))
+        assert all(at[(k, "all")][0] != at[(2, "all")][0] for k in (1, 4))
         assert {r["kind"] for r in moe_records.selectivity(ws, 1)} == {"moe"}
         for layer in (0, 1):
             routes = moe_records.routes(ws, 1, layer, limit=10_000)
@@ -282,4 +378,10 @@ def test_probe_stores_and_prints_sparse_probing(moe_db, moefied_run, main, capsy
     with Workspace(db, read_only=True) as ws:
         assert {r["task"] for r in moe_records.probe_results(ws) if r["dataset"] == str(texts)} == {"label=prose"}
     texts.write_text('{"text": "no label"}')
-    assert f"{texts}:1: expected a JSON object" in bad(main, ["probe", "--db", str(db), "--sae", SAE, "--texts", str(texts)], capsys)
+    assert f"'{texts}' line 1 has no 'label' field (fields: text)" in bad(
+        main, ["probe", "--db", str(db), "--sae", SAE, "--texts", str(texts)], capsys)
+    csv_texts = tmp_path / "texts.csv"  # the same dataset as CSV with other column names
+    csv_texts.write_text("body,topic\n" + "\n".join(f'"{line["text"]}",{line["label"]}' for line in lines))
+    assert main(["probe", "--db", str(db), "--sae", SAE, "--k", "1", "--texts", str(csv_texts), "--text-field", "body",
+                 "--label-field", "topic", "--quiet"]) == 0
+    assert "label=prose" in capsys.readouterr().out

@@ -15,6 +15,7 @@ from probes.routing import (
     masked_experts,
     moe_layers,
     recorded_routing,
+    rerouted,
     route_logits,
     router_spec,
 )
@@ -163,6 +164,39 @@ def test_masking_removes_exactly_the_chosen_experts_and_unhooks(tiny_moe, family
     torch.testing.assert_close(again, base)
     with torch.no_grad(), masked_experts(model, {first: []}):
         torch.testing.assert_close(model(TOKENS), base)
+
+
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_rerouting_at_another_k_follows_the_family_rule_and_the_own_k_changes_nothing(tiny_moe, family):
+    model = tiny_moe(family)
+    spec = router_spec(model)
+    layers = check_layers(model, None)
+    raw = hf_router_outputs(model)  # the unhooked routers' logits
+    routers = {m.layer: m.router for m in moe_layers(model)}
+    with torch.no_grad():
+        base = model(TOKENS)
+    with torch.no_grad(), rerouted(model, k=spec.k):
+        torch.testing.assert_close(model(TOKENS), base)
+    for k in (1, 4):
+        with torch.no_grad(), rerouted(model, k=k), recorded_routing(model) as rec:
+            out = model(TOKENS)
+        allowed = spec.topk_group * (spec.n_experts // spec.n_group)  # experts the group-limited choice can reach
+        assert torch.allclose(out, base) == (min(k, allowed) == spec.k)  # grouped families: no room above their k
+        first = layers[0]  # later layers see changed inputs; the first sees the same logits
+        got = rec.routing(first)
+        bias = getattr(routers[first], "e_score_correction_bias", None)
+        want = route_logits(spec._replace(k=k), raw[first][0], None, bias)
+        assert got.indices.shape == (TOKENS.numel(), k)
+        assert torch.equal(got.indices, want.indices)
+        torch.testing.assert_close(got.weights, want.weights, atol=1e-6, rtol=1e-5)
+        assert ((got.weights > 0).sum(-1) <= allowed).all()  # outside the kept groups: weight 0
+        if spec.normalise and spec.scale == 1.0:
+            torch.testing.assert_close(got.weights.sum(-1), torch.ones(TOKENS.numel()), atol=1e-5, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(TOKENS), base)  # unhooked
+    with pytest.raises(RoutingError, match=r"k=5 is out of range for 4 experts; choose 1 ≤ k ≤ 4"):
+        with rerouted(model, k=5):
+            pass
 
 
 def test_hand_built_logits_give_the_known_assignments_and_weights():

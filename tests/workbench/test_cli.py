@@ -115,7 +115,7 @@ def test_an_older_schema_is_migrated_by_the_next_write(existing, capsys):
     import duckdb
 
     con = duckdb.connect(str(existing))  # roll the file back to schema v1: drop what v2+ added
-    for table in ("probe_results", "probe_runs", "moe_routes", "moe_k_curve", "moe_selectivity", "moe_comparison",
+    for table in ("moe_purge", "moe_correlation", "probe_results", "probe_runs", "moe_routes", "moe_k_curve", "moe_selectivity", "moe_comparison",
                   "moe_experts", "moe_mass", "moe_groups", "moe_runs",
                   "sparsity_fits", "sparsity_curve", "sparsity_layers", "sparsity_measurements",
                   "feature_related", "feature_logits", "feature_examples", "feature_stats", "feature_acts",
@@ -128,7 +128,7 @@ def test_an_older_schema_is_migrated_by_the_next_write(existing, capsys):
     assert "open it once for writing" in run_bad(["info", "--db", str(existing)], capsys)
     assert main([*BASE, "--db", str(existing)]) == 0  # a writer migrates it
     with Workspace(existing, read_only=True) as ws:
-        assert ws.schema_version() == SCHEMA_VERSION == 5 and ws.query("SELECT count(*) FROM saes") == [(0,)]
+        assert ws.schema_version() == SCHEMA_VERSION == 6 and ws.query("SELECT count(*) FROM saes") == [(0,)]
         assert ws.query("SELECT count(*) FROM moe_runs") == ws.query("SELECT count(*) FROM probe_results") == [(0,)]
 
 
