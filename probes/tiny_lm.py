@@ -16,6 +16,28 @@ MLP is Llama's gated FFN, ``down(act(gate(x)) * up(x))``: activation ``relu`` ma
 and ``silu`` makes it SwiGLU, the gated-FFN setting of the paper. With ReLU, ``act(gate(x))``
 and the product with ``up(x)`` hold exact zeros; with SiLU they do not.
 
+Mixture of experts (``n_experts > 0``): the model is ``transformers.MixtralForCausalLM`` with the
+same attention, norms, rotary embedding, tokenizer and special ids, and each MLP replaced by E
+gated experts of width ``mlp_width`` and a linear router. For the N = batch·context tokens of
+layer l with router logits (N, E), p_l = softmax(logits), each token picks its top-k experts
+S_l(x) and mixes their outputs with weights p_e / Σ_{S_l(x)} p. Training minimises
+
+    loss = CE + router_aux_loss_coef · LB,      LB = (1/L) Σ_l E · Σ_e f_{l,e} · P_{l,e},
+    f_{l,e} = (1/N) Σ_x [e ∈ S_l(x)],           P_{l,e} = (1/N) Σ_x p_{l,e}(x)
+
+the Switch Transformer load-balancing loss (eqs. 4-6, top-k counting) of each MoE layer,
+averaged over the L layers; Σ_e f_{l,e} = k, so balanced routing gives LB ≈ k and routing
+collapsed onto k experts gives LB ≈ E. Each LB_l is transformers' own
+``load_balancing_loss_func`` called on that one layer's logits. Called on all layers at once,
+as ``MixtralForCausalLM`` does (``output.aux_loss``), that function pools f and P over layers
+first, so opposite imbalances in two layers cancel and go unpenalised (transformers issues
+#28255, #31464): at d_model 64, 3 layers, E 4, k 2, 200 steps, the pooled loss left layers with
+up to 1.84x the balanced load (pooled LB 2.007, looking balanced); the per-layer mean kept every
+layer within 1.18x at the same held-out loss. LB is computed in float32 from the upcast router
+logits, outside autocast, so its top-k is the router's own choice. The recorded ``train_loss``
+stays the CE (nats/token, comparable with the dense models and the held-out loss); the mean LB
+is recorded beside it as ``router_aux_loss``. The held-out loss is plain CE.
+
 Each checkpoint directory is a normal Hugging Face checkpoint (config.json, model.safetensors in
 float32, generation_config.json, tokenizer files), so ``workbench.models.load_model(str(path))``
 loads it through TransformerBridge.
@@ -77,6 +99,12 @@ DTYPES: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp32": None}
 ATTENTION = "eager"
 """Attention kernel while training (eager measured 10-20% faster than sdpa in bf16 on this CPU); not saved in config.json."""
 
+EXPERTS = "grouped_mm"
+"""transformers' expert kernel for MoE models while training (one grouped matmul per projection;
+measured 1.55x the tokens/s of the "eager" per-expert loop in bf16 and about equal in fp32, d_model
+128, 8 experts, top-2, one thread); not saved in config.json. It runs the expert matmuls in the
+weights' float32 even under bf16 autocast (only attention, router and head run in bf16)."""
+
 SCHEDULES = ("cosine", "linear")
 """Learning-rate decay shapes after warm-up."""
 
@@ -113,7 +141,16 @@ class TinyLMConfig:
     n_layers: int = 4
     """Number of transformer blocks."""
     d_mlp: int | None = None
-    """MLP neurons per layer; None -> 4 * d_model (see `mlp_width`)."""
+    """MLP neurons per layer; None -> 4 * d_model (see `mlp_width`). With experts: each expert's width."""
+    n_experts: int = 0
+    """0: dense Llama MLPs. E > 0: Mixtral MoE, E experts per layer, each a gated FFN of width
+    mlp_width (Mixtral's convention: E x the dense MLP's parameters, k x its compute per token;
+    set d_mlp = 4 * d_model // E for a parameter-matched fine-grained MoE)."""
+    experts_per_token: int = 2
+    """k, the experts each token is routed to (1 <= k <= n_experts); unused when dense."""
+    router_aux_loss_coef: float = 0.01
+    """Weight of the load-balancing loss LB (per layer E * sum_e f_e * P_e, averaged over layers) in
+    the MoE objective (0 turns it off; routing then tends to collapse onto a few experts); unused when dense."""
     head_dim: int = 32
     """Width of one attention head; n_heads = d_model // head_dim (full multi-head attention)."""
     context: int = 128
@@ -168,6 +205,15 @@ class TinyLMConfig:
             raise SeriesError(f"d_model must be a multiple of head_dim={self.head_dim}, got {self.d_model}")
         if self.d_mlp is not None and (not isinstance(self.d_mlp, int) or isinstance(self.d_mlp, bool) or self.d_mlp < 1):
             raise SeriesError(f"d_mlp must be a positive integer or None, got {self.d_mlp!r}")
+        if not isinstance(self.n_experts, int) or isinstance(self.n_experts, bool) or self.n_experts < 0:
+            raise SeriesError(f"n_experts must be a non-negative integer (0 = dense), got {self.n_experts!r}")
+        if self.n_experts > 0:
+            k = self.experts_per_token
+            if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.n_experts:
+                raise SeriesError(f"experts_per_token must be an integer in [1, n_experts={self.n_experts}], got {k!r}")
+        coef = self.router_aux_loss_coef
+        if not isinstance(coef, (int, float)) or isinstance(coef, bool) or not (coef >= 0 and math.isfinite(coef)):
+            raise SeriesError(f"router_aux_loss_coef must be a finite number >= 0, got {self.router_aux_loss_coef!r}")
         if self.context < 2:
             raise SeriesError(f"context must be at least 2 (BOS plus one token), got {self.context}")
         if self.vocab_size < len(SPECIAL_TOKENS) + 256:
@@ -226,19 +272,70 @@ class TinyLMConfig:
         return tuple(sorted(steps))
 
     @property
+    def is_moe(self) -> bool:
+        return self.n_experts > 0
+
+    @property
     def non_embedding_params(self) -> int:
-        """Parameters outside the embedding and unembedding (attention, MLP, norms)."""
+        """Parameters outside the embedding and unembedding (attention, MLP or experts and router, norms)."""
+        if self.is_moe:
+            return moe_non_embedding_params(self.d_model, self.n_layers, self.mlp_width, self.n_experts, self.experts_per_token).total
         return non_embedding_params(self.d_model, self.n_layers, self.mlp_width)
+
+    @property
+    def active_non_embedding_params(self) -> int:
+        """Non-embedding parameters one token uses: only its k experts count (= non_embedding_params when dense)."""
+        if self.is_moe:
+            return moe_non_embedding_params(self.d_model, self.n_layers, self.mlp_width, self.n_experts, self.experts_per_token).active
+        return self.non_embedding_params
+
+    def hf_config(self) -> "LlamaConfig | MixtralConfig":  # noqa: F821
+        """The transformers config of this model: ``mixtral_config()`` with experts, else ``llama_config()``."""
+        return self.mixtral_config() if self.is_moe else self.llama_config()
 
     def llama_config(self) -> "LlamaConfig":  # noqa: F821
         """The ``transformers.LlamaConfig`` of this model (gated MLP with ``hidden_act=activation``)."""
         from transformers import LlamaConfig
 
+        if self.is_moe:
+            raise SeriesError(f"this config has n_experts={self.n_experts}, so its model is Mixtral; use hf_config() or mixtral_config()")
+        return LlamaConfig(intermediate_size=self.mlp_width, **self._shared_hf_fields())
+
+    def mixtral_config(self) -> "MixtralConfig":  # noqa: F821
+        """The ``transformers.MixtralConfig`` of this MoE: the dense model's attention, norms, rotary
+        embedding and ids (Llama's rms_norm_eps and rope_theta, not Mixtral's), E gated experts of
+        width mlp_width with ``hidden_act=activation``, top-k routing.
+
+        ``output_router_logits`` stays False in the saved config: the training loss asks for the
+        router logits per call, so a loaded checkpoint's forward (and its ``loss`` with labels)
+        is plain next-token prediction without the auxiliary loss added.
+        """
+        from transformers import LlamaConfig, MixtralConfig
+
+        if not self.is_moe:
+            raise SeriesError("this config is dense (n_experts=0); use hf_config() or llama_config()")
+        dense = LlamaConfig()  # Llama's defaults where Mixtral's differ (rms_norm_eps 1e-6, rope_theta 1e4)
+        return MixtralConfig(
+            intermediate_size=self.mlp_width,
+            num_local_experts=self.n_experts,
+            num_experts_per_tok=self.experts_per_token,
+            router_aux_loss_coef=self.router_aux_loss_coef,
+            output_router_logits=False,
+            router_jitter_noise=0.0,
+            sliding_window=None,
+            rms_norm_eps=dense.rms_norm_eps,
+            rope_parameters=dict(dense.rope_parameters),
+            initializer_range=dense.initializer_range,
+            experts_implementation=EXPERTS,
+            **self._shared_hf_fields(),
+        )
+
+    def _shared_hf_fields(self) -> dict[str, Any]:
+        """Config fields the dense and the MoE model share."""
         ids = {name.removesuffix("_token") + "_token_id": i for i, name in enumerate(SPECIAL_TOKENS)}
-        return LlamaConfig(
+        return dict(
             vocab_size=self.vocab_size,
             hidden_size=self.d_model,
-            intermediate_size=self.mlp_width,
             num_hidden_layers=self.n_layers,
             num_attention_heads=self.n_heads,
             num_key_value_heads=self.n_heads,
@@ -253,11 +350,17 @@ class TinyLMConfig:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready fields (tuples as lists)."""
+        """JSON-ready fields (tuples as lists). A dense config leaves out the expert fields that hold
+        their defaults, so its dict (and every manifest and resume check) is what it was before MoE
+        support; ``from_dict`` fills them back in."""
         d = dataclasses.asdict(self)
         d["adam_betas"] = list(self.adam_betas)
         if self.checkpoint_tokens is not None:
             d["checkpoint_tokens"] = list(self.checkpoint_tokens)
+        if not self.is_moe:
+            for f in dataclasses.fields(self):
+                if f.name in _EXPERT_FIELDS and d[f.name] == f.default:
+                    del d[f.name]
         return d
 
     @classmethod
@@ -270,10 +373,28 @@ class TinyLMConfig:
         return cls(**kw)
 
 
+_EXPERT_FIELDS = ("n_experts", "experts_per_token", "router_aux_loss_coef")
+"""TinyLMConfig fields added for MoE (absent from dense configs written before them)."""
+
+
 def non_embedding_params(d_model: int, n_layers: int, d_mlp: int | None = None) -> int:
     """Per layer 4·d² attention (full MHA) + 3·d·d_mlp gated MLP + 2·d norm gains; plus the final norm."""
     d_mlp = 4 * d_model if d_mlp is None else d_mlp
     return n_layers * (4 * d_model * d_model + 3 * d_model * d_mlp + 2 * d_model) + d_model
+
+
+class ParamCount(NamedTuple):
+    total: int
+    """Every non-embedding parameter (all experts)."""
+    active: int
+    """The parameters one token's forward uses (its k experts, the whole router)."""
+
+
+def moe_non_embedding_params(d_model: int, n_layers: int, d_expert: int, n_experts: int, experts_per_token: int) -> ParamCount:
+    """Per layer 4·d² attention + E·d router + (E or k)·3·d·d_expert gated experts + 2·d norm gains; plus the final norm."""
+    shared = 4 * d_model * d_model + n_experts * d_model + 2 * d_model  # attention, router, norms
+    expert = 3 * d_model * d_expert  # gate, up and down of one expert
+    return ParamCount(n_layers * (shared + n_experts * expert) + d_model, n_layers * (shared + experts_per_token * expert) + d_model)
 
 
 class Shape(NamedTuple):
@@ -322,13 +443,14 @@ def shapes_at_fixed_params(
     return shapes
 
 
-def build_model(cfg: TinyLMConfig) -> "LlamaForCausalLM":  # noqa: F821
-    """A freshly initialised ``LlamaForCausalLM`` for ``cfg`` (float32, seeded by cfg.seed)."""
-    from transformers import LlamaForCausalLM
+def build_model(cfg: TinyLMConfig) -> "LlamaForCausalLM | MixtralForCausalLM":  # noqa: F821
+    """A freshly initialised ``LlamaForCausalLM`` (dense) or ``MixtralForCausalLM`` (n_experts > 0)
+    for ``cfg`` (float32, seeded by cfg.seed)."""
+    from transformers import LlamaForCausalLM, MixtralForCausalLM
 
     with _fork_rng():
         torch.manual_seed(cfg.seed)
-        model = LlamaForCausalLM(cfg.llama_config())
+        model = MixtralForCausalLM(cfg.mixtral_config()) if cfg.is_moe else LlamaForCausalLM(cfg.llama_config())
     return model.float()
 
 
@@ -466,7 +588,8 @@ class Checkpoint(NamedTuple):
     tokens: int
     """Training tokens seen (step * batch_size * context)."""
     train_loss: float
-    """Mean training loss (nats/token) over the steps since the previous checkpoint."""
+    """Mean training CE (nats/token) over the steps since the previous checkpoint (an MoE's
+    objective adds router_aux_loss_coef x the mean LB, recorded as ``router_aux_loss`` in the manifest)."""
     heldout_loss: float
     """Loss on the first cfg.eval_rows held-out rows (perplexity = exp of it)."""
 
@@ -533,10 +656,10 @@ def _train_loop(cfg, data, out_dir, model, forward, opt, existing, checkpoints, 
     if progress:
         from tqdm.auto import tqdm
 
-        desc = f"{cfg.activation} d{cfg.d_model} L{cfg.n_layers}"
+        desc = f"{cfg.activation} d{cfg.d_model} L{cfg.n_layers}" + (f" E{cfg.n_experts}k{cfg.experts_per_token}" if cfg.is_moe else "")
         bar = tqdm(total=cfg.total_steps, initial=start_step, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
     order = _RowOrder(len(data.train), cfg.seed)
-    loss_sum, loss_n = 0.0, 0
+    loss_sum, lb_sum, loss_n = 0.0, 0.0, 0
     t0 = time.perf_counter()
     elapsed0 = existing[-1]["elapsed_s"] if existing else 0.0
     records = list(existing)
@@ -547,19 +670,22 @@ def _train_loop(cfg, data, out_dir, model, forward, opt, existing, checkpoints, 
             for group in opt.param_groups:
                 group["lr"] = lr
             batch = data.train[order.indices(step * cfg.batch_size, cfg.batch_size)]  # (B, context)
-            loss = _loss(forward, batch, cfg)
+            loss = training_loss(forward, batch, cfg)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.total.backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
-            loss_sum += float(loss.detach())
+            loss_sum += float(loss.ce.detach())
+            if loss.load_balancing is not None:
+                lb_sum += float(loss.load_balancing.detach())
             loss_n += 1
             done = step + 1
             if bar is not None:
                 bar.update(1)
                 if done % 10 == 0:
-                    bar.set_postfix(loss=f"{loss_sum / loss_n:.3f}", lr=f"{lr:.2e}")
+                    extra = {"lb": f"{lb_sum / loss_n:.3f}"} if cfg.is_moe else {}
+                    bar.set_postfix(loss=f"{loss_sum / loss_n:.3f}", **extra, lr=f"{lr:.2e}")
             if done in milestones:
                 record = {
                     "path": f"{CHECKPOINT_PREFIX}{done * cfg.tokens_per_step}",
@@ -571,11 +697,13 @@ def _train_loop(cfg, data, out_dir, model, forward, opt, existing, checkpoints, 
                     "heldout_loss": heldout_loss(forward, data.heldout[: cfg.eval_rows], cfg),
                     "elapsed_s": elapsed0 + time.perf_counter() - t0,
                 }
+                if cfg.is_moe:  # mean LB over the same steps as train_loss (~k when balanced)
+                    record["router_aux_loss"] = lb_sum / loss_n
                 forward.train()
                 _save_checkpoint(out_dir, model, opt, data, cfg, record, older=records)
                 records.append(record)
                 _write_manifest(out_dir, cfg, data, records)
-                loss_sum, loss_n = 0.0, 0
+                loss_sum, lb_sum, loss_n = 0.0, 0.0, 0
                 checkpoint = _as_checkpoint(out_dir, record)
                 checkpoints.append(checkpoint)
                 if bar is not None:
@@ -642,18 +770,70 @@ def _throughput(cfg: TinyLMConfig, steps: int, warmup: int) -> float:
     for i in range(warmup + steps):
         if i == warmup:
             t0 = time.perf_counter()
-        loss = _loss(model, batch, cfg)
+        loss = training_loss(model, batch, cfg).total
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     return steps * cfg.tokens_per_step / (time.perf_counter() - t0)
 
 
+class TrainLoss(NamedTuple):
+    """The training objective of one batch and its parts (0-dim float32 tensors)."""
+
+    total: torch.Tensor
+    """What is backpropagated: ce + router_aux_loss_coef * load_balancing (ce when dense or coef 0)."""
+    ce: torch.Tensor
+    """Mean next-token cross-entropy (nats/token), computed in float32."""
+    load_balancing: torch.Tensor | None
+    """LB = mean over layers of E * sum_e f_e * P_e (module docstring; ~k when balanced); None when dense."""
+
+
+def training_loss(model, batch: torch.Tensor, cfg: TinyLMConfig) -> TrainLoss:
+    """The objective of ``cfg`` on ``batch`` (B, context): next-token CE, plus the weighted
+    load-balancing loss when the model has experts.
+
+    LB = (1/L) Σ_l LB_l, each LB_l from transformers' own ``load_balancing_loss_func``
+    (transformers 5.23) on layer l's router logits alone, upcast to float32, outside autocast.
+    Not the model's ``aux_loss`` output: that is the same function on all layers at once, which
+    pools the loads over layers (module docstring); and under bf16 autocast its input logits are
+    bf16 and its softmax runs in bf16, so its P_e are rounded and its top-k can differ from the
+    router's, which takes the softmax of the float32-upcast logits, as done here.
+    """
+    if not cfg.is_moe:
+        ce = _loss(model, batch, cfg)
+        return TrainLoss(ce, ce, None)
+    dtype = DTYPES[cfg.dtype]
+    with torch.autocast(device_type=batch.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        out = model(input_ids=batch, output_router_logits=True)
+    ce = _cross_entropy(out.logits, batch)
+    lb = load_balancing_loss(out.router_logits, cfg.n_experts, cfg.experts_per_token)
+    total = ce + cfg.router_aux_loss_coef * lb if cfg.router_aux_loss_coef > 0 else ce
+    return TrainLoss(total, ce, lb)
+
+
+def load_balancing_loss(router_logits: Sequence[torch.Tensor], n_experts: int, k: int) -> torch.Tensor:
+    """LB = (1/L) Σ_l E · Σ_e f_{l,e} · P_{l,e} (module docstring) of router logits, one (n, E) tensor per layer.
+
+    Each layer's term is transformers' ``load_balancing_loss_func`` on that layer alone (on the
+    whole tuple it would pool the layers), in float32.
+    """
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    per_layer = [load_balancing_loss_func((logits.float(),), n_experts, k) for logits in router_logits]  # L x ()
+    return torch.stack(per_layer).mean()
+
+
 # ----------------------------------------------------------------------------------- helpers
 def _loss(model, batch: torch.Tensor, cfg: TinyLMConfig) -> torch.Tensor:
+    """Plain next-token CE (the held-out loss; the dense training loss)."""
     dtype = DTYPES[cfg.dtype]
     with torch.autocast(device_type=batch.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
         logits = model(input_ids=batch).logits  # (B, context, vocab)
+    return _cross_entropy(logits, batch)
+
+
+def _cross_entropy(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+    """Mean CE of logits (B, context, vocab) predicting batch[:, 1:], in float32."""
     return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
 
 
@@ -711,7 +891,7 @@ def _check_series(out_dir: Path, cfg: TinyLMConfig, data: TokenData, existing: l
         return
     want = json.loads(json.dumps(_series_identity(cfg, data)))
     if stored["config"] != want["config"]:
-        diff = sorted(k for k in want["config"] if stored["config"].get(k) != want["config"][k])
+        diff = sorted(k for k in {*want["config"], *stored["config"]} if stored["config"].get(k) != want["config"].get(k))
         raise SeriesError(f"{out_dir} holds a series with another config (differs in {', '.join(diff)}); use another out_dir")
     if stored["data_fingerprint"] != want["data_fingerprint"]:
         raise SeriesError(f"{out_dir} holds a series trained on other token data; use another out_dir")
@@ -756,7 +936,7 @@ def _save_checkpoint(out_dir: Path, model, opt, data: TokenData, cfg: TinyLMConf
 def _restore(path: Path, record: dict, model, opt) -> torch.Tensor:
     """Load weights and AdamW state from the newest checkpoint ``path``; returns the saved RNG state."""
     try:
-        weights = load_file(str(path / "model.safetensors"))
+        weights = _checkpoint_weights(path, model)
         tensors = load_file(str(path / OPTIMIZER_FILE))
     except (OSError, ValueError) as err:
         raise SeriesError(f"cannot resume from {path}: {_first_line(err)}") from None
@@ -771,6 +951,22 @@ def _restore(path: Path, record: dict, model, opt) -> torch.Tensor:
             state.setdefault(int(pid), {})[name] = value
     opt.load_state_dict({"state": state, "param_groups": record["opt_param_groups"]})
     return tensors["rng.torch"]
+
+
+def _checkpoint_weights(path: Path, model) -> dict[str, torch.Tensor]:
+    """The weights saved in checkpoint ``path``, named as ``model``'s state dict.
+
+    Dense: model.safetensors as it is. MoE: ``save_pretrained`` writes Mixtral's original
+    per-expert layout (``block_sparse_moe.experts.<e>.w1/w2/w3``, the one every Mixtral loader
+    reads), so the weights come back through transformers' own loader, which fuses them into the
+    model's ``mlp.experts.gate_up_proj`` (E, 2·d_expert, d) and ``down_proj`` (E, d, d_expert) by
+    copying (exact).
+    """
+    if model.config.model_type != "mixtral":
+        return load_file(str(path / "model.safetensors"))
+    with _quiet_transformers():
+        loaded = type(model).from_pretrained(str(path), dtype=torch.float32)
+    return loaded.state_dict()
 
 
 def _publish_dir(target: Path, build: Callable[[Path], None], *, replace: bool = False) -> None:
@@ -809,11 +1005,16 @@ def _write_heldout(out_dir: Path, data: TokenData) -> None:
 def _write_manifest(out_dir: Path, cfg: TinyLMConfig, data: TokenData, records: list[dict]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     keys = ("path", "step", "tokens", "epochs", "lr", "train_loss", "heldout_loss", "elapsed_s")
+    keys += ("router_aux_loss",) if cfg.is_moe else ()
+    model = {"non_embedding_params": cfg.non_embedding_params, "mlp_width": cfg.mlp_width, "n_heads": cfg.n_heads,
+             "total_steps": cfg.total_steps, "milestone_steps": list(cfg.milestone_steps)}
+    if cfg.is_moe:
+        model.update(architecture="MixtralForCausalLM", n_experts=cfg.n_experts, experts_per_token=cfg.experts_per_token,
+                     active_non_embedding_params=cfg.active_non_embedding_params)
     manifest = {
         "format": FORMAT,
         "config": cfg.to_dict(),
-        "model": {"non_embedding_params": cfg.non_embedding_params, "mlp_width": cfg.mlp_width, "n_heads": cfg.n_heads,
-                  "total_steps": cfg.total_steps, "milestone_steps": list(cfg.milestone_steps)},
+        "model": model,
         "data": {"fingerprint": data.fingerprint, **data.info, "heldout_file": HELDOUT_FILE,
                  "epochs": cfg.total_steps * cfg.batch_size / len(data.train)},
         "checkpoints": [{k: rec[k] for k in keys} for rec in records],
