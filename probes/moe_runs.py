@@ -47,7 +47,7 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 from pathlib import Path
 
 import numpy as np
@@ -546,12 +546,27 @@ def measure(loaded, plan: Plan, tokens: dom.DomainTokens, request: MoeRequest, *
                 memo[key] = losses_with([(plan.sae.hook, _passthrough_bos(ablate))], desc)
         return memo[key]
 
-    # 4. masking selectivity: per kind, grouping and budget
-    masking: list[Masking] = []
-    for kind in plan.mask:
-        unit_layers = [L for (knd, L) in units() if knd == kind]
+    # 4. masking selectivity per kind, grouping and budget; 5. concept purge
+    layers_of = {kind: [L for (knd, L) in units() if knd == kind] for kind in plan.mask}
+    masking = masking_selectivity(layers_of, specialists, baseline, eval_groups, ablated, request)
+    purges = concept_purges(layers_of, correlations, baseline, eval_groups, ablated, request, notices)
+
+    return MoeResult(loaded.name, plan, corpus, tokens, summaries, dense, curve, masking, routes, notices,
+                     correlations, purges)
+
+
+Ablate = Callable[[str, dict, str], torch.Tensor]  # (kind, {layer: units}, description) -> token losses (rows, ctx − 1)
+
+
+def masking_selectivity(layers_of: dict[str, list[int]], specialists: dict[tuple[str, int, str], ExpertSummary],
+                        baseline: dict[str, torch.Tensor], groups: TokenGroups, ablated: Ablate,
+                        request: MoeRequest) -> list[Masking]:
+    """Step 4: for each kind, grouping and budget, remove each target's units (chosen on the fit
+    tokens: ``specialists``) in every layer of the kind, and the ΔLoss matrix against the baseline."""
+    out: list[Masking] = []
+    for kind, unit_layers in layers_of.items():
         for grouping in GROUPINGS:
-            labels, group_names = eval_groups.labels(grouping)
+            labels, group_names = groups.labels(grouping)
             before = dom.group_losses(baseline[kind], labels, group_names)
             fitted = {L: specialists[(kind, L, grouping)] for L in unit_layers}
             targets = [g for g in group_names if g in before and g != OTHER and all(g in s.names for s in fitted.values())]
@@ -568,19 +583,28 @@ def measure(loaded, plan: Plan, tokens: dom.DomainTokens, request: MoeRequest, *
                     losses = ablated(kind, remove, f"mask {kind} of {target} ({budget})")
                     after[target] = dom.group_losses(losses, labels, group_names)
                 matrix = selectivity_matrix(before, after)
-                masking.append(Masking(kind, grouping, budget, matrix, n_masked, before, after))
+                vacuous = np.array([n_masked[t] == 0 for t in matrix.targets], dtype=bool)
+                matrix = matrix._replace(selectivity=np.where(vacuous, np.nan, matrix.selectivity))  # nothing removed: no selectivity
+                out.append(Masking(kind, grouping, budget, matrix, n_masked, before, after))
+    return out
 
-    # 5. concept purge: remove the experts whose ρ (fit tokens) exceeds τ
-    purges: list[Purge] = []
+
+def concept_purges(layers_of: dict[str, list[int]], correlations: list[tuple[str, int, str, np.ndarray]],
+                   baseline: dict[str, torch.Tensor], groups: TokenGroups, ablated: Ablate, request: MoeRequest,
+                   notices: list[str]) -> list[Purge]:
+    """Step 5: for each kind and concept, remove the units with ρ > τ (fit tokens) for each τ and
+    measure the loss on the concept's target tokens and on the rest; skips are added to ``notices``."""
     rho_of = {(kind, L, concept): rho for kind, L, concept, rho in correlations}
-    for kind in plan.mask:
-        unit_layers = [L for (knd, L) in units() if knd == kind]
+    concepts = list(dict.fromkeys(concept for _, _, concept, _ in correlations))
+    out: list[Purge] = []
+    for kind, unit_layers in layers_of.items():
         for concept in concepts:
-            split = eval_groups.concept_split(concept)
+            split = groups.concept_split(concept)
             pair = (concept, "rest")
             before = dom.group_losses(baseline[kind], split, pair)
             if concept not in before or "rest" not in before:
-                notices.append(f"purge {kind} by {concept}: skipped, no evaluation tokens {'with' if concept not in before else 'without'} it")
+                notices.append(f"purge {kind} by {concept}: skipped, no evaluation tokens "
+                               f"{'with' if concept not in before else 'without'} it")
                 continue
             curves = {L: purge_curve(rho_of[(kind, L, concept)]) for L in unit_layers}
             total = sum(c.n_experts for c in curves.values())
@@ -590,15 +614,11 @@ def measure(loaded, plan: Plan, tokens: dom.DomainTokens, request: MoeRequest, *
                 if kind == "moe" and any(len(v) >= curves[L].n_experts for L, v in remove.items()):
                     notices.append(f"purge moe by {concept} at τ={tau}: skipped, it would remove every expert of a layer")
                     continue
-                losses = ablated(kind, remove, f"purge {kind} by {concept} at τ={tau}")
-                after = dom.group_losses(losses, split, pair)
+                after = dom.group_losses(ablated(kind, remove, f"purge {kind} by {concept} at τ={tau}"), split, pair)
                 n = int(sum(len(v) for v in remove.values()))
                 points.append(PurgePoint(float(tau), n, n / total, after[concept], after["rest"]))
-            purges.append(Purge(kind, concept, before[concept], before["rest"], points))
-
-    result = MoeResult(loaded.name, plan, corpus, tokens, summaries, dense, curve, masking, routes, notices,
-                       correlations, purges)
-    return result
+            out.append(Purge(kind, concept, before[concept], before["rest"], points))
+    return out
 
 
 # -- the whole job ---------------------------------------------------------------------------
@@ -697,7 +717,7 @@ def describe(run: dict, comparison: list[dict], curve: list[dict], selectivity: 
         measured = list(dict.fromkeys(r["measured"] for r in rows))
         targets = list(dict.fromkeys(r["target"] for r in rows))
         width = max(len(m) for m in measured + ["target"]) + 1
-        removed = "Monet's specialists" if budget == "skew" else "the same share of units, most skewed first"
+        removed = "Monet's specialists" if budget == "skew" else "⌈share·units⌉ per layer, most skewed first"
         lines.append(f"masking selectivity, {KIND_LABELS.get(kind, kind)} by {grouping}, {budget} budget "
                      f"(ΔLoss; row: {removed} of the target removed):")
         lines.append(f"  {'target':<{width}} {'removed':>7} " + " ".join(f"{m:>{width}}" for m in measured) + f" {'selectivity':>11}")

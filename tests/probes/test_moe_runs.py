@@ -116,12 +116,14 @@ def test_a_moefied_run_stores_the_table_the_matrix_and_the_curve(moe_db, moefied
             for r in rows:
                 assert r["delta_loss"] == pytest.approx(r["loss_after"] - r["loss_before"])
                 if r["n_masked"] == 0:
-                    assert r["delta_loss"] == 0
+                    assert r["delta_loss"] == 0 and r["selectivity"] is None  # nothing removed: no selectivity
             for target in ("code", "numbers", "prose"):
                 mine = {r["measured"]: r["delta_loss"] for r in rows if r["target"] == target}
                 others = np.mean([v for d, v in mine.items() if d != target])
-                stored = next(r["selectivity"] for r in rows if r["target"] == target)
-                assert stored == pytest.approx(mine[target] - others)
+                stored = next(r for r in rows if r["target"] == target)
+                if stored["n_masked"]:
+                    assert stored["selectivity"] == pytest.approx(mine[target] - others)
+        assert any(r["n_masked"] and r["selectivity"] is not None for r in sel)
         curve = moe_records.k_curve(ws, run_id)
         assert sorted({r["k"] for r in curve}) == [1, 2, 4]  # powers of two below E, and k
         assert {r["grp"] for r in curve} == {"all", "code", "numbers", "prose"}
