@@ -41,8 +41,18 @@ def parse_hf_spec(spec: str) -> HFSpec:
 
 def load_hf(spec: HFSpec) -> Iterator[Document]:
     """Stream documents from the dataset's ``text`` column; source ``hf:NAME:SPLIT:ROW``."""
+    for row, record in enumerate(records(spec)):
+        text, domain = record.get("text"), record.get("domain") or DEFAULT_DOMAIN
+        if "text" not in record or not isinstance(text, (str, type(None))):
+            raise CorpusError(f"Hugging Face dataset {spec.name!r} row {row} has no string 'text' "
+                              f"column (columns: {', '.join(record)}); a corpus needs one")
+        if text is not None:
+            yield Document(text, str(domain), f"hf:{spec.name}:{spec.split}:{row}")
+
+
+def records(spec: HFSpec) -> Iterator[dict]:
+    """The dataset's rows as dicts, in order; a failure while streaming is one CorpusError line."""
     rows = iter(_open_dataset(spec))
-    row = 0
     while True:
         try:
             record = next(rows)
@@ -50,13 +60,7 @@ def load_hf(spec: HFSpec) -> Iterator[Document]:
             return
         except Exception as err:  # network or format failures surface while streaming
             raise _wrap(spec, err) from None
-        text, domain = record.get("text"), record.get("domain") or DEFAULT_DOMAIN
-        if "text" not in record or not isinstance(text, (str, type(None))):
-            raise CorpusError(f"Hugging Face dataset {spec.name!r} row {row} has no string 'text' "
-                              f"column (columns: {', '.join(record)}); a corpus needs one")
-        if text is not None:
-            yield Document(text, str(domain), f"hf:{spec.name}:{spec.split}:{row}")
-        row += 1
+        yield record
 
 
 def _open_dataset(spec: HFSpec):

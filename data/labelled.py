@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from data.documents import CorpusError
-from data.hf_loader import HF_SPEC_FORMS, _open_dataset, _wrap, parse_hf_spec
+from data.hf_loader import HF_SPEC_FORMS, parse_hf_spec, records
 from data.loaders import _open_binary, first_line, read_text
 
 LABEL_TYPES = (str, int, bool)
@@ -200,17 +200,8 @@ def _hf_rows(spec_text: str) -> Iterator[Row]:
     except CorpusError:
         raise LabelledError(f"bad Hugging Face dataset spec {spec_text!r}; use {HF_SPEC_FORMS}") from None
     origin = f"Hugging Face dataset {spec.name!r} split {spec.split!r}"
-    rows = iter(_open_dataset(spec))
-    row = 0
-    while True:
-        try:
-            record = next(rows)
-        except StopIteration:
-            return
-        except Exception as err:  # network or format failures surface while streaming
-            raise _wrap(spec, err) from None
+    for row, record in enumerate(records(spec)):
         yield origin, f"row {row}", record
-        row += 1
 
 
 _FILE_READERS: dict[str, Callable[[Path, tuple[str, str], str], Iterator[Row]]] = {

@@ -20,28 +20,8 @@ ROUTER, MOEFIED = 1, 2  # moe_run_id of each run in the fixture
 TAUS = (0.3, 0.1)
 
 
-def tiny_mixtral(path: Path) -> Path:
-    """A 2-layer random Mixtral (E=4, top-2) with SmolLM2's tokenizer, routers far from uniform."""
-    from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
-
-    from workbench.models import default_tokenizer_dir
-
-    tokenizer = AutoTokenizer.from_pretrained(default_tokenizer_dir())
-    config = MixtralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=2, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2,
-                           max_position_embeddings=64)
-    torch.manual_seed(0)
-    model = MixtralForCausalLM(config)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.mlp.gate.weight.normal_(0, 2.0)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
-def experts_db(tmp_path_factory, tiny) -> Path:
+def experts_db(tmp_path_factory, tiny, tiny_mixtral) -> Path:
     from data import load_corpus
     from probes.moe_runs import MoeRequest, run_moe
     from workbench.caching import ActivationCacher, CacheRequest
@@ -60,7 +40,7 @@ def experts_db(tmp_path_factory, tiny) -> Path:
         ActivationCacher(ws, tiny, load_corpus(str(corpus)), CacheRequest(
             model="tiny-llama", hooks=("blocks.1.hook_resid_post",), corpus=str(corpus), tokens=256, ctx_len=16,
             batch_size=64)).run(progress=False)
-    mixtral = tiny_mixtral(root / "mixtral")
+    mixtral = tiny_mixtral
     assert run_moe(db, MoeRequest(model=str(mixtral), corpus=str(corpus), eval_tokens=64, fit_tokens=128, ctx=32,
                                   batch_size=16, purge_taus=TAUS, concepts=("punctuation", "capitalised")),
                    progress=False)[0] == ROUTER

@@ -274,27 +274,8 @@ def test_cli_run_prints_the_table_and_a_rerun_replaces_it(moe_db, moefied_run, m
     assert shown.count("moe run ") == 2 and "E=8, k=2" in shown
 
 
-def tiny_mixtral(path: Path) -> Path:
-    from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
-
-    from workbench.models import default_tokenizer_dir
-
-    tokenizer = AutoTokenizer.from_pretrained(default_tokenizer_dir())
-    config = MixtralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=2, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2,
-                           max_position_embeddings=64)
-    torch.manual_seed(0)
-    model = MixtralForCausalLM(config)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.mlp.gate.weight.normal_(0, 2.0)  # far from uniform routing
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def test_a_moe_model_is_routed_by_its_own_routers(tmp_path, main, capsys):
-    model = tiny_mixtral(tmp_path / "mixtral")
+def test_a_moe_model_is_routed_by_its_own_routers(tmp_path, main, capsys, tiny_mixtral):
+    model = tiny_mixtral
     corpus = write_corpus(tmp_path / "corpus.jsonl")
     db = tmp_path / "moe.duckdb"
     run = ["moe", "run", "--db", str(db), "--model", str(model), "--corpus", str(corpus), "--tokens", "64",
