@@ -97,11 +97,12 @@ OTHER = "other"
 
 
 def _check_concepts(names: Iterable[str] | None) -> list[str]:
+    """The concepts asked for (default: all), in `CONCEPTS` order whatever order they were given in."""
     names = list(CONCEPTS) if names is None else list(names)
     unknown = [n for n in names if n not in CONCEPTS]
     if unknown:
         raise ExpertsError(f"unknown concept {unknown[0]!r}; valid: {', '.join(CONCEPTS)}")
-    return names
+    return [n for n in CONCEPTS if n in names]
 
 
 def concept_masks(tokens: Sequence[str], names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
@@ -113,8 +114,13 @@ def concept_masks(tokens: Sequence[str], names: Iterable[str] | None = None) -> 
 
 def concept_groups(tokens: Sequence[str], names: Iterable[str] | None = None) -> tuple[np.ndarray, tuple[str, ...]]:
     """Exclusive labels (n_tokens,) int64: the first matching concept in `CONCEPTS` order, else 'other'."""
-    masks = concept_masks(tokens, names)
-    labels = np.full(len(tokens), len(masks), dtype=np.int64)
+    return exclusive_labels(concept_masks(tokens, names))
+
+
+def exclusive_labels(masks: Mapping[str, np.ndarray]) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Concept masks (name -> bool (n,), in precedence order) -> exclusive labels (n,) and the names plus 'other'."""
+    n = len(next(iter(masks.values()))) if masks else 0
+    labels = np.full(n, len(masks), dtype=np.int64)
     for j, hit in reversed(list(enumerate(masks.values()))):  # earlier concepts overwrite later ones
         labels[hit] = j
     return labels, (*masks, OTHER)
@@ -198,8 +204,9 @@ def skew_ranking(mass: np.ndarray, group: int) -> np.ndarray:
     """Experts whose strongest group is ``group`` (mass r (D, E)), most specialised first.
 
     Ordered by the skew ratio s_e = r_{e,group} / max_{d≠group} r_{e,d} descending (∞ when no other
-    group has mass), ties by larger r_{e,group}, then lower id; experts without mass on ``group``
-    are left out. The first n of it are the n experts a matched masking budget removes.
+    group has mass), ties by larger r_{e,group}, then lower id; experts whose mass on ``group`` is
+    not strictly the largest are left out (so an expert tied between two groups is in neither).
+    The first n of it are the (at most) n experts a matched masking budget removes.
     """
     n_groups, n_experts = mass.shape
     if not 0 <= group < n_groups:
@@ -209,7 +216,7 @@ def skew_ranking(mass: np.ndarray, group: int) -> np.ndarray:
         candidates = np.flatnonzero(on_group > 0)
         return candidates[np.lexsort((candidates, -on_group[candidates]))]
     others = np.delete(mass, group, axis=0).max(axis=0)  # (E,)
-    candidates = np.flatnonzero((on_group > 0) & (on_group >= others) & (mass.argmax(axis=0) == group))
+    candidates = np.flatnonzero((on_group > 0) & (on_group > others))  # a tie specialises in neither group
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(others[candidates] > 0, on_group[candidates] / np.where(others[candidates] > 0, others[candidates], 1),
                          np.inf)

@@ -91,12 +91,16 @@ def save_run(ws: Workspace, result, request) -> int:
                          row["mi_nats"], row["mi_norm"]])
         for m in result.masking:
             sel = dict(zip(m.matrix.targets, m.matrix.selectivity.tolist()))
-            con.executemany(
-                "INSERT INTO moe_selectivity (moe_run_id, kind, grouping, budget, target, measured, n_masked, loss_before, "
-                "loss_after, delta_loss, selectivity) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [[run_id, m.kind, m.grouping, m.budget, row["target"], row["measured"], m.n_masked[row["target"]],
-                  m.before[row["measured"]], m.after[row["target"]][row["measured"]], row["delta_loss"],
-                  _nan_to_none(sel[row["target"]])] for row in m.matrix.rows()])
+            rows = m.matrix.rows()
+            if rows:
+                con.executemany(
+                    "INSERT INTO moe_selectivity (moe_run_id, kind, grouping, budget, target, measured, target_pos, "
+                    "measured_pos, n_masked, loss_before, loss_after, delta_loss, selectivity) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [[run_id, m.kind, m.grouping, m.budget, row["target"], row["measured"],
+                      m.matrix.targets.index(row["target"]), m.matrix.measured.index(row["measured"]),
+                      m.n_masked[row["target"]], m.before[row["measured"]], m.after[row["target"]][row["measured"]],
+                      row["delta_loss"], _nan_to_none(sel[row["target"]])] for row in rows])
         corr = {k: [] for k in ("kind", "layer", "concept", "expert", "rho")}
         for kind, layer, concept, rho in result.correlations:
             corr["kind"] += [kind] * len(rho)
@@ -166,8 +170,9 @@ def groups(ws: Workspace, run_id: int) -> list[dict]:
 
 def selectivity(ws: Workspace, run_id: int) -> list[dict]:
     """ΔLoss rows (kind, grouping, budget, target, measured, n_masked, losses, selectivity), in stored group order."""
-    return _dicts(ws, "SELECT * EXCLUDE (moe_run_id) FROM moe_selectivity WHERE moe_run_id = ? "
-                      "ORDER BY kind, grouping DESC, budget DESC, rowid", [run_id])
+    return _dicts(ws, "SELECT * EXCLUDE (moe_run_id, target_pos, measured_pos) FROM moe_selectivity WHERE moe_run_id = ? "
+                      "ORDER BY kind, CASE grouping WHEN 'domain' THEN 0 ELSE 1 END, CASE budget WHEN 'skew' THEN 0 ELSE 1 END, "
+                      "target_pos, target, measured_pos, measured", [run_id])
 
 
 def purge(ws: Workspace, run_id: int) -> list[dict]:

@@ -27,18 +27,28 @@ Steps (domains balanced by sampling: ``probes.domains``):
 4. masking selectivity per kind, grouping (targets and measured groups are domains, or token
    concepts) and budget: for each target, remove in every chosen layer either the kind's
    specialists of it (``skew``: as many as pass Monet's test, so kinds differ in how much they
-   remove) or the ⌈share·E⌉ units most skewed towards it (``matched``: the same share of every
-   kind's units); moe: router logits −∞ before the top-k; moefied: expert scores −∞ before the
-   top-k, so its neurons are zeroed; neuron: zero them; sae: subtract the latents' decoded
-   contribution, keeping the SAE's error term. ΔLoss on every group against the kind's own
-   baseline (moefied: the top-k model; the others: the dense model).
+   remove) or at most ⌈share·E⌉ units per layer, the most skewed towards it among those whose
+   strongest group it is (``matched``: about the same share of every kind's units; fewer where
+   fewer units peak on the target); moe: router logits −∞ before the top-k; moefied: expert
+   scores −∞ before the top-k, so its neurons are zeroed; neuron: zero them; sae: subtract the
+   latents' decoded contribution, keeping the SAE's error term. ΔLoss on every group against the
+   kind's own baseline (moefied: the top-k model; the others: the dense model).
 5. concept purge (Monet's toxicity purge, per token concept): for each τ, remove the units with
-   ρ_e > τ and measure the loss on target tokens that satisfy the concept against the loss on
-   the rest (the general loss); each distinct removal set runs one forward, shared with step 4.
+   ρ_e > τ and measure the loss where the concept holds against the loss on the rest (our
+   "general loss": the tokens outside the concept, so the two never overlap); each distinct
+   removal set runs one forward, shared with step 4.
 
-BOS (position 0) is never routed or masked (its activations are outliers); separators and BOS are
-left out of every metric. Everything is validated before the model runs, and the results are
-written in one transaction at the end, so bad input or an interruption leaves no rows.
+Where a loss is credited (``TokenGroups.loss_labels``): the loss at position t predicts token
+t+1. A domain's loss is on its target tokens (neighbours share a domain, so either side would
+do); a concept's loss is at the positions whose *input* token satisfies it — the positions where
+the units scored on that concept fire and where removing them acts directly — i.e. the loss of
+predicting the token after a concept token.
+
+BOS (position 0) is never routed or masked for the MoEfied, neuron and SAE kinds (its
+activations are outliers); a MoE's router hook re-routes every position, BOS included, as the
+model's own router would. Separators and BOS are left out of every metric. Everything is
+validated before the model runs, and the results are written in one transaction at the end, so
+bad input or an interruption leaves no rows.
 """
 
 from __future__ import annotations
@@ -60,8 +70,8 @@ from probes.experts import (
     SelectivityMatrix,
     _check_concepts,
     concept_correlation,
-    concept_groups,
     concept_masks,
+    exclusive_labels,
     purge_curve,
     selectivity_matrix,
     summarise,
@@ -320,20 +330,33 @@ class TokenGroups:
 
     @classmethod
     def of(cls, ids: torch.Tensor, domain: torch.Tensor, domain_names, vocab: np.ndarray, concepts) -> "TokenGroups":
-        strings = vocab[ids.reshape(-1).numpy()]
-        exclusive, concept_names = concept_groups(strings, concepts)
+        masks = concept_masks(vocab[ids.reshape(-1).numpy()], concepts)
+        exclusive, concept_names = exclusive_labels(masks)
         labelled = domain >= 0
         exclusive = torch.from_numpy(exclusive).reshape(ids.shape).masked_fill(~labelled, -1)
-        hits = {name: torch.from_numpy(hit).reshape(ids.shape) & labelled
-                for name, hit in concept_masks(strings, concepts).items()}
+        hits = {name: torch.from_numpy(hit).reshape(ids.shape) & labelled for name, hit in masks.items()}
         return cls(tuple(domain_names), domain, concept_names, exclusive, hits)
 
     def labels(self, grouping: str) -> tuple[torch.Tensor, tuple[str, ...]]:
+        """Per-token labels (rows, ctx) of a grouping and its names: what units are scored against."""
         return (self.domain, self.domain_names) if grouping == "domain" else (self.concept, self.concept_names)
 
+    def loss_labels(self, grouping: str) -> tuple[torch.Tensor, tuple[str, ...]]:
+        """Labels for ``probes.domains.group_losses`` (which credits the loss at t to label t+1): a
+        domain's loss is on its target tokens; a concept's loss is at the positions whose *input*
+        token satisfies it (where its units fire), i.e. on the token after it."""
+        labels, names = self.labels(grouping)
+        return (labels if grouping == "domain" else self._at_inputs(labels)), names
+
     def concept_split(self, concept: str) -> torch.Tensor:
-        """(rows, ctx) labels for a purge: 0 where the token satisfies ``concept``, 1 elsewhere, −1 unlabelled."""
-        return torch.where(self.domain < 0, -1, torch.where(self.hits[concept], 0, 1))
+        """``group_losses`` labels for a purge: 0 where the input token satisfies ``concept``, 1 elsewhere, −1 unlabelled."""
+        return self._at_inputs(torch.where(self.domain < 0, -1, torch.where(self.hits[concept], 0, 1)))
+
+    def _at_inputs(self, labels: torch.Tensor) -> torch.Tensor:
+        """Shift labels (rows, ctx) one right, so that group_losses credits the loss at t to token t's
+        label; unlabelled where token t or t+1 is BOS or a separator."""
+        shifted = torch.cat([torch.full_like(labels[:, :1], -1), labels[:, :-1]], dim=1)
+        return shifted.masked_fill(self.domain < 0, -1)
 
 
 # -- the result ------------------------------------------------------------------------------
@@ -354,8 +377,8 @@ class PurgePoint(NamedTuple):
     tau: float
     n_removed: int  # experts with ρ > τ, over all layers
     share_removed: float  # n_removed / the kind's units
-    concept_loss: float  # next-token loss where the target token satisfies the concept
-    other_loss: float  # ... where it does not
+    concept_loss: float  # next-token loss at positions whose input token satisfies the concept
+    other_loss: float  # ... at the other labelled positions
 
 
 @dataclass
@@ -458,13 +481,17 @@ def measure(loaded, plan: Plan, tokens: dom.DomainTokens, request: MoeRequest, *
             correlations.append((kind, L, concept, rho))
     del fit, fit_rec
 
+    def by_domain(losses: torch.Tensor) -> dict[str, float]:
+        out = dom.group_losses(losses, tokens.eval_labels, names)
+        out["all"] = dom.mean_loss(losses, tokens.eval_labels)
+        return out
+
     # 2. evaluation pass, dense
     capture = _Capture(capture_names)
     with routing() as recorder:
         dense_losses = dom.token_losses(model, tokens.eval_tokens, hooks=capture.hooks(), batch_size=request.batch_size,
                                         desc="dense eval", progress=progress)
-    dense = dom.group_losses(dense_losses, tokens.eval_labels, names)
-    dense["all"] = dom.mean_loss(dense_losses, tokens.eval_labels)
+    dense = by_domain(dense_losses)
     summaries: list[tuple[str, ExpertSummary]] = []
     notices = list(plan.notices) + list(tokens.notices)
     for kind, L in units():
@@ -492,11 +519,6 @@ def measure(loaded, plan: Plan, tokens: dom.DomainTokens, request: MoeRequest, *
         with context or nullcontext():
             return dom.token_losses(model, tokens.eval_tokens, hooks=hooks, batch_size=request.batch_size, desc=desc,
                                     progress=progress)
-
-    def by_domain(losses: torch.Tensor) -> dict[str, float]:
-        out = dom.group_losses(losses, tokens.eval_labels, names)
-        out["all"] = dom.mean_loss(losses, tokens.eval_labels)
-        return out
 
     def moefied_hooks(k: int, remove: dict[int, np.ndarray] | None = None):
         remove = remove or {}
@@ -532,12 +554,13 @@ def measure(loaded, plan: Plan, tokens: dom.DomainTokens, request: MoeRequest, *
             elif kind == "moefied":
                 memo[key] = losses_with(moefied_hooks(plan.k, remove), desc)
             elif kind == "neuron":
-                memo[key] = losses_with([(mlp_hooks[L], _passthrough_bos(lambda a, idx=torch.as_tensor(v): a.index_fill(-1, idx, 0.0)))
+                memo[key] = losses_with([(mlp_hooks[L], _passthrough_bos(lambda a, v=v: a.index_fill(-1, torch.as_tensor(v, device=a.device), 0.0)))
                                          for L, v in remove.items()], desc)
             else:
-                idx = torch.as_tensor(next(iter(remove.values())))
+                latents = next(iter(remove.values()))
 
-                def ablate(a, idx=idx):
+                def ablate(a, latents=latents):
+                    idx = torch.as_tensor(latents, device=a.device)
                     flat = a.reshape(-1, a.shape[-1])
                     z = sae.encode(flat.float())
                     kept = z.index_fill(-1, idx, 0.0)
@@ -548,7 +571,7 @@ def measure(loaded, plan: Plan, tokens: dom.DomainTokens, request: MoeRequest, *
 
     # 4. masking selectivity per kind, grouping and budget; 5. concept purge
     layers_of = {kind: [L for (knd, L) in units() if knd == kind] for kind in plan.mask}
-    masking = masking_selectivity(layers_of, specialists, baseline, eval_groups, ablated, request)
+    masking = masking_matrices(layers_of, specialists, baseline, eval_groups, ablated, request, notices)
     purges = concept_purges(layers_of, correlations, baseline, eval_groups, ablated, request, notices)
 
     return MoeResult(loaded.name, plan, corpus, tokens, summaries, dense, curve, masking, routes, notices,
@@ -558,15 +581,16 @@ def measure(loaded, plan: Plan, tokens: dom.DomainTokens, request: MoeRequest, *
 Ablate = Callable[[str, dict, str], torch.Tensor]  # (kind, {layer: units}, description) -> token losses (rows, ctx − 1)
 
 
-def masking_selectivity(layers_of: dict[str, list[int]], specialists: dict[tuple[str, int, str], ExpertSummary],
-                        baseline: dict[str, torch.Tensor], groups: TokenGroups, ablated: Ablate,
-                        request: MoeRequest) -> list[Masking]:
+def masking_matrices(layers_of: dict[str, list[int]], specialists: dict[tuple[str, int, str], ExpertSummary],
+                     baseline: dict[str, torch.Tensor], groups: TokenGroups, ablated: Ablate, request: MoeRequest,
+                     notices: list[str]) -> list[Masking]:
     """Step 4: for each kind, grouping and budget, remove each target's units (chosen on the fit
-    tokens: ``specialists``) in every layer of the kind, and the ΔLoss matrix against the baseline."""
+    tokens: ``specialists``) in every layer of the kind, and the ΔLoss matrix against the baseline;
+    skips are added to ``notices``."""
     out: list[Masking] = []
     for kind, unit_layers in layers_of.items():
         for grouping in GROUPINGS:
-            labels, group_names = groups.labels(grouping)
+            labels, group_names = groups.loss_labels(grouping)
             before = dom.group_losses(baseline[kind], labels, group_names)
             fitted = {L: specialists[(kind, L, grouping)] for L in unit_layers}
             targets = [g for g in group_names if g in before and g != OTHER and all(g in s.names for s in fitted.values())]
@@ -579,6 +603,9 @@ def masking_selectivity(layers_of: dict[str, list[int]], specialists: dict[tuple
                     else:
                         remove = {L: s.most_specialised_in(target, math.ceil(request.matched_share * s.n_experts))
                                   for L, s in fitted.items()}
+                    if kind == "moe" and any(len(v) >= fitted[L].n_experts for L, v in remove.items()):
+                        notices.append(f"mask moe of {target} ({budget}): skipped, it would remove every expert of a layer")
+                        continue
                     n_masked[target] = int(sum(len(v) for v in remove.values()))
                     losses = ablated(kind, remove, f"mask {kind} of {target} ({budget})")
                     after[target] = dom.group_losses(losses, labels, group_names)

@@ -41,7 +41,8 @@ Version 5 adds the expert probes (``workbench moe``) and sparse probing (``workb
 
 Version 6 masks by token concept and at matched budgets, and adds Monet's concept purge::
 
-    moe_selectivity(..., grouping, budget)       grouping 'domain' | 'concept'; budget 'skew' | 'matched'
+    moe_selectivity(..., grouping, budget, target_pos, measured_pos)   grouping 'domain' | 'concept';
+                                                 budget 'skew' | 'matched'; *_pos: the groups' order
     moe_correlation(moe_run_id, kind, layer, concept, expert, rho)     ρ on the fit tokens
     moe_purge(moe_run_id, kind, concept, tau, n_removed, share_removed, concept_loss, other_loss,
               concept_before, other_before)
@@ -370,6 +371,8 @@ MIGRATIONS: dict[int, str] = {
     6: """
     ALTER TABLE moe_selectivity ADD COLUMN grouping VARCHAR DEFAULT 'domain';
     ALTER TABLE moe_selectivity ADD COLUMN budget VARCHAR DEFAULT 'skew';
+    ALTER TABLE moe_selectivity ADD COLUMN target_pos INTEGER DEFAULT 0;
+    ALTER TABLE moe_selectivity ADD COLUMN measured_pos INTEGER DEFAULT 0;
     CREATE TABLE moe_correlation (
         moe_run_id INTEGER NOT NULL,
         kind       VARCHAR NOT NULL,

@@ -201,9 +201,11 @@ def test_the_neuron_purge_equals_zeroing_those_neurons_in_the_hugging_face_mlp(m
     finally:
         handle.remove()
     losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")
-    strings = np.asarray(token_strings(tiny.tokenizer), dtype=object)[tokens[:, 1:].reshape(-1).numpy()]
+    # the loss at t predicts t+1 and counts for the concept of the input token t; both t and t+1 must be labelled
+    strings = np.asarray(token_strings(tiny.tokenizer), dtype=object)[tokens[:, :-1].reshape(-1).numpy()]
     hit = torch.from_numpy(concept_masks(strings, [point["concept"]])[point["concept"]])
-    labelled = (result.tokens.eval_labels[:, 1:] >= 0).reshape(-1)
+    labels = result.tokens.eval_labels
+    labelled = ((labels[:, :-1] >= 0) & (labels[:, 1:] >= 0)).reshape(-1)
     flat = losses.reshape(-1).double()
     assert point["concept_loss"] == pytest.approx(float(flat[hit & labelled].mean()), abs=2e-5)
     assert point["other_loss"] == pytest.approx(float(flat[~hit & labelled].mean()), abs=2e-5)
@@ -218,6 +220,8 @@ def test_a_schema_v5_run_is_migrated_and_still_shown(moe_db, moefied_run, main, 
     con.execute("DELETE FROM moe_selectivity WHERE grouping <> 'domain' OR budget <> 'skew'")
     con.execute("ALTER TABLE moe_selectivity DROP COLUMN grouping")
     con.execute("ALTER TABLE moe_selectivity DROP COLUMN budget")
+    con.execute("ALTER TABLE moe_selectivity DROP COLUMN target_pos")
+    con.execute("ALTER TABLE moe_selectivity DROP COLUMN measured_pos")
     con.execute("DROP TABLE moe_purge")
     con.execute("DROP TABLE moe_correlation")
     con.execute("UPDATE schema_version SET version = 5")
