@@ -372,3 +372,29 @@ def test_probe_stores_and_prints_sparse_probing(moe_db, moefied_run, main, capsy
     assert main(["probe", "--db", str(db), "--sae", SAE, "--k", "1", "--texts", str(csv_texts), "--text-field", "body",
                  "--label-field", "topic", "--quiet"]) == 0
     assert "label=prose" in capsys.readouterr().out
+
+
+def test_masking_never_removes_every_expert_of_a_moe_layer():
+    """A matched share that would take all of a layer's experts is skipped with a notice, not sent to the router."""
+    from probes.experts import summarise
+    from probes.moe_runs import MoeRequest, TokenGroups, masking_matrices
+
+    ids = torch.tensor([[1, 5, 6, 7], [1, 8, 9, 10]])  # (rows, ctx)
+    domain = torch.tensor([[-1, 0, 0, 0], [-1, 1, 1, 1]])
+    vocab = np.asarray([f"t{i}" for i in range(16)], dtype=object)
+    groups = TokenGroups.of(ids, domain, ("a", "b"), vocab, None)
+    scores = torch.tensor([[4.0, 3.0, 2.0, 1.0], [0.1, 0.1, 0.1, 0.1]])  # every expert peaks on "a"
+    fitted = {("moe", 0, g): summarise(scores, torch.tensor([0, 1]), ["a", "b"]) for g in ("domain", "concept")}
+    calls = []
+
+    def ablated(kind, remove, desc):
+        calls.append({L: len(v) for L, v in remove.items()})
+        return torch.zeros(2, 3)
+
+    notices: list[str] = []
+    request = MoeRequest(budgets=("matched",), matched_share=0.99)
+    masking = masking_matrices({"moe": [0]}, fitted, {"moe": torch.zeros(2, 3)}, groups, ablated, request, notices)
+    assert all(n < 4 for call in calls for n in call.values())
+    assert any("mask moe of a (matched): skipped, it would remove every expert of a layer" in n for n in notices)
+    (domain_masking,) = [m for m in masking if m.grouping == "domain"]
+    assert "a" not in domain_masking.matrix.targets
