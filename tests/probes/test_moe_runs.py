@@ -326,6 +326,10 @@ def test_bad_input_is_one_line_and_writes_no_rows(moe_db, moefied_run, main, cap
     assert f"no SAE 'nope' in bad.duckdb; available: 1:{SAE}" in bad(main, [*run, "--sae", "nope"], capsys)
     assert "unknown kind to mask 'latent'" in bad(main, [*run, "--mask", "latent"], capsys)
     assert "unknown concept 'emoji'" in bad(main, [*run, "--concept", "emoji"], capsys)
+    assert "unknown masking budget 'equal'; valid: skew, matched" in bad(main, [*run, "--budget", "equal"], capsys)
+    assert "--matched-share must be in (0, 1), got 1.0" in bad(main, [*run, "--matched-share", "1"], capsys)
+    assert "--purge-tau 1.5 is out of range; a correlation threshold is in [-1, 1)" in bad(
+        main, [*run, "--purge-tau", "1.5"], capsys)
     one_domain = write_corpus(tmp_path / "one.jsonl", domains=("code",))
     assert "has 1 usable domain(s) (code); expert metrics need at least 2" in bad(
         main, [*run, "--corpus", str(one_domain), *MOE_ARGS], capsys)
