@@ -100,7 +100,9 @@ def token_losses(model, tokens: torch.Tensor, *, hooks=None, batch_size: int = 8
         chunk = tokens[start : start + batch_size].to(device)  # (b, T)
         with torch.inference_mode(), attached(model, hooks):
             logits = model(chunk).float()[:, :-1]  # (b, T-1, vocab)
-        out.append(F.cross_entropy(logits.transpose(1, 2), chunk[:, 1:], reduction="none").cpu())  # (b, T-1)
+            flat = logits.reshape(-1, logits.shape[-1])  # (b·(T-1), vocab): contiguous rows, not a strided (b, vocab, T-1) view
+            losses = F.cross_entropy(flat, chunk[:, 1:].reshape(-1), reduction="none")  # (b·(T-1),)
+        out.append(losses.reshape(chunk.shape[0], -1).cpu())  # (b, T-1)
     return torch.cat(out)
 
 
