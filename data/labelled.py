@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
 from data.documents import CorpusError
 from data.hf_loader import HF_SPEC_FORMS, parse_hf_spec, records
-from data.loaders import _open_binary, first_line, read_text
+from data.loaders import _open_binary, first_line, jsonl_values, read_text
 
 LABEL_TYPES = (str, int, bool)
 LABELLED_SPEC_HELP = (
@@ -98,7 +97,7 @@ def load_labelled(spec: str, *, text_field: str = "text", label_field: str = "la
             labels.append(label)
     except LabelledError:
         raise
-    except CorpusError as err:  # from the shared corpus helpers (unreadable file, hf failures)
+    except CorpusError as err:  # from the shared corpus helpers (unreadable file, invalid JSON, hf failures)
         raise LabelledError(str(err)) from None
     if not texts:
         raise LabelledError(f"labelled dataset {spec!r} has no rows; {expected}")
@@ -129,14 +128,7 @@ def _rows(spec: str, fields: tuple[str, str], expected: str) -> Iterator[Row]:
 
 
 def _jsonl_rows(path: Path, fields: tuple[str, str], expected: str) -> Iterator[Row]:
-    for number, line in enumerate(read_text(path).split("\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"{str(path)!r} line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise LabelledError(f"{where} is not valid JSON ({err.msg}); {expected}") from None
+    for number, where, record in jsonl_values(path, expected):  # its CorpusError becomes a LabelledError in load_labelled
         if not isinstance(record, dict):
             raise LabelledError(f"{where} is {_kind(record)}, not a JSON object; {expected}")
         yield repr(str(path)), f"line {number}", record

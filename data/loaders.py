@@ -43,17 +43,22 @@ def load_txt_dir(path: Path) -> Iterator[Document]:
         yield Document(read_text(file), DEFAULT_DOMAIN, file.relative_to(path).as_posix())
 
 
-def load_jsonl(path: Path) -> Iterator[Document]:
-    """One document per non-blank line: an object with a string ``text`` and optional ``domain``."""
-    expected = "each line must be a JSON object with a string 'text' field and optional 'domain'"
+def jsonl_values(path: Path, expected: str) -> Iterator[tuple[int, str, object]]:
+    """(line number, "'path' line N", parsed value) per non-blank line; invalid JSON is one CorpusError line."""
     for number, line in enumerate(read_text(path).split("\n"), start=1):
         if not line.strip():
             continue
         where = f"{str(path)!r} line {number}"
         try:
-            record = json.loads(line)
+            yield number, where, json.loads(line)
         except json.JSONDecodeError as err:
             raise CorpusError(f"{where} is not valid JSON ({err.msg}); {expected}") from None
+
+
+def load_jsonl(path: Path) -> Iterator[Document]:
+    """One document per non-blank line: an object with a string ``text`` and optional ``domain``."""
+    expected = "each line must be a JSON object with a string 'text' field and optional 'domain'"
+    for number, where, record in jsonl_values(path, expected):
         if not isinstance(record, dict) or "text" not in record:
             raise CorpusError(f"{where} has no 'text' field; {expected}")
         text, domain = record["text"], record.get("domain", DEFAULT_DOMAIN)

@@ -437,7 +437,7 @@ def measure(loaded, plan: Plan, tokens: dom.DomainTokens, request: MoeRequest, *
     vocab = np.asarray(token_strings(loaded.tokenizer), dtype=object)
     fit_groups = TokenGroups.of(tokens.fit_tokens, tokens.fit_labels, names, vocab, request.concepts)
     eval_groups = TokenGroups.of(tokens.eval_tokens, tokens.eval_labels, names, vocab, request.concepts)
-    concepts = [c for c in fit_groups.concept_names if c != OTHER]
+    concepts = list(fit_groups.hits)  # the concepts asked for, in CONCEPTS order
 
     def routing():  # records the routers' choices (MoE model) or nothing
         return recorded_routing(model, plan.layers) if plan.source == "router" else nullcontext()
