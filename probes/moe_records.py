@@ -159,7 +159,7 @@ def runs(ws: Workspace) -> list[dict]:
 
 def comparison(ws: Workspace, run_id: int) -> list[dict]:
     order = "CASE kind WHEN 'moe' THEN 0 WHEN 'moefied' THEN 1 WHEN 'sae' THEN 2 ELSE 3 END"
-    return _dicts(ws, f"SELECT * EXCLUDE (moe_run_id) FROM moe_comparison WHERE moe_run_id = ? ORDER BY grouping, {order}, layer",
+    return _dicts(ws, f"SELECT * EXCLUDE (moe_run_id) FROM moe_comparison WHERE moe_run_id = ? ORDER BY grouping, {order}, kind, layer",
                   [run_id])
 
 
@@ -177,7 +177,7 @@ def selectivity(ws: Workspace, run_id: int) -> list[dict]:
 
 def purge(ws: Workspace, run_id: int) -> list[dict]:
     """Concept purge points (kind, concept, tau, n_removed, share_removed, losses and their baselines), τ descending."""
-    return _dicts(ws, "SELECT * EXCLUDE (moe_run_id) FROM moe_purge WHERE moe_run_id = ? ORDER BY kind, concept, tau DESC",
+    return _dicts(ws, "SELECT * EXCLUDE (moe_run_id) FROM moe_purge WHERE moe_run_id = ? ORDER BY kind, concept, tau DESC, n_removed",
                   [run_id])
 
 
@@ -237,5 +237,6 @@ def probe_results(ws: Workspace, probe_run_id: int | None = None) -> list[dict]:
     """Result rows (with the run's SAE and hook), all runs or one."""
     where, params = ("WHERE r.probe_run_id = ?", [probe_run_id]) if probe_run_id is not None else ("", [])
     return _dicts(ws, f"SELECT p.sae, p.hook, p.dataset, p.seed, r.* FROM probe_results r JOIN probe_runs p USING (probe_run_id) {where} "
-                      "ORDER BY r.probe_run_id, r.task, CASE r.source WHEN 'sae' THEN 0 WHEN 'residual' THEN 1 ELSE 2 END, r.k",
+                      "ORDER BY r.probe_run_id, r.task, CASE r.source WHEN 'sae' THEN 0 WHEN 'residual' THEN 1 ELSE 2 END, r.source, r.k, "
+                      "r.split, r.accuracy, r.n_train, r.n_test, r.features",
                   params)

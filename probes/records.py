@@ -88,7 +88,7 @@ def measurements(ws: Workspace, series: str | None = None) -> list[dict]:
     """All measurements (or one series'), each a dict with MEASUREMENT_COLUMNS and a 'label'."""
     where, params = ("WHERE series = ?", [series]) if series is not None else ("", [])
     rows = ws.query(f"SELECT {', '.join(MEASUREMENT_COLUMNS)} FROM sparsity_measurements {where} "
-                    "ORDER BY series NULLS FIRST, train_tokens, model, metric, p", params)
+                    "ORDER BY series NULLS FIRST, train_tokens, model, metric, p, measurement_id", params)
     out = [dict(zip(MEASUREMENT_COLUMNS, row)) for row in rows]
     for row in out:
         row["label"] = metric_label(row["metric"], row["p"])
@@ -103,7 +103,7 @@ def layer_ratios(ws: Workspace, measurement_id: int) -> list[tuple[int, float, f
 
 def tradeoff_curve(ws: Workspace, measurement_id: int) -> list[tuple[float, float, float]]:
     """(knob, ppl, activation ratio) points evaluated by the PPL-p% search, knob ascending."""
-    return ws.query("SELECT knob, ppl, activation_ratio FROM sparsity_curve WHERE measurement_id = ? ORDER BY knob",
+    return ws.query("SELECT knob, ppl, activation_ratio FROM sparsity_curve WHERE measurement_id = ? ORDER BY ALL",
                     [measurement_id])
 
 

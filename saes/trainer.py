@@ -9,10 +9,12 @@ re-init) -> metrics every `log_every` steps to `on_log` and the tqdm bar -> chec
 
 Exact-resume contract: pass the SAME deterministic iterator again (same batches, same order).
 When `checkpoint_dir` holds a checkpoint (and resume=True) the trainer restores weights,
-buffers, Adam state, dead-latent counters and RNG state, then skips the batches already
-consumed (one per completed step) and continues; the result equals an uninterrupted run
-(tested bit-for-bit). Checkpoints are `state.safetensors` (tensors) + `state.json` (scalars,
-configs); no pickle.
+buffers, Adam state, dead-latent counters, RNG state and the running sums it averages between
+log lines, then skips the batches already consumed (one per completed step) and continues; the
+weights equal an uninterrupted run's and so does every log line except the wall-clock
+`tokens_per_s` (both tested bit-for-bit). A checkpoint written before the log sums were saved
+still loads; its first log line after the resume then averages only the steps since it.
+Checkpoints are `state.safetensors` (tensors) + `state.json` (scalars, configs); no pickle.
 
 Distributed: under `torchrun` (torch.distributed initialised before calling `train`) the module
 is wrapped in DistributedDataParallel; each rank passes its own shard iterator; running
@@ -145,6 +147,7 @@ def train(
     loaded = _load_checkpoint(ckpt_root) if (ckpt_root is not None and resume) else None
     start_step, tokens_seen = 0, 0
     pending: list[torch.Tensor] = []
+    acc = _empty_log_acc()
     if loaded is not None:
         meta, tens = loaded
         if meta.get("sae_cfg") != sae_cfg.to_dict():
@@ -160,6 +163,8 @@ def train(
         tokens_since_fired = tens["trainer.tokens_since_fired"].clone()
         torch.set_rng_state(tens["rng.torch"])
         start_step, tokens_seen = int(meta["step"]), int(meta["tokens"])
+        if isinstance(meta.get("log_acc"), dict) and meta["log_acc"].keys() == acc.keys():
+            acc = {k: int(v) if k == "n" else float(v) for k, v in meta["log_acc"].items()}
         for _ in range(start_step):  # skip the batches already consumed
             try:
                 next(it)
@@ -197,7 +202,6 @@ def train(
         bar = tqdm(total=total_steps, initial=start_step, desc=f"train {sae_cfg.arch}", file=sys.stderr, dynamic_ncols=True)
 
     last: dict[str, float] = {}
-    acc = {"loss": 0.0, "nmse": 0.0, "aux": 0.0, "l0": 0.0, "n": 0}
     t0, tok0 = time.perf_counter(), tokens_seen
     done = start_step
     for step in range(start_step, total_steps):
@@ -272,7 +276,7 @@ def train(
                 "dead_tokens": dead_tokens,
             }
             last.update({k: float(v) for k, v in info.items()})
-            acc = {"loss": 0.0, "nmse": 0.0, "aux": 0.0, "l0": 0.0, "n": 0}
+            acc = _empty_log_acc()
             if rank == 0:
                 if on_log is not None:
                     on_log(dict(last))
@@ -281,19 +285,26 @@ def train(
         if bar is not None:
             bar.update(1)
         if ckpt_root is not None and tc.checkpoint_every > 0 and done % tc.checkpoint_every == 0 and done < total_steps:
-            _checkpoint(ckpt_root, sae, opt, sae_cfg, tc, done, tokens_seen, tokens_since_fired, rank, world)
+            _checkpoint(ckpt_root, sae, opt, sae_cfg, tc, done, tokens_seen, tokens_since_fired, rank, world, acc)
     final_step = done
     if bar is not None:
         bar.close()
     if ckpt_root is not None and final_step > start_step:
-        _checkpoint(ckpt_root, sae, opt, sae_cfg, tc, final_step, tokens_seen, tokens_since_fired, rank, world)
+        _checkpoint(ckpt_root, sae, opt, sae_cfg, tc, final_step, tokens_seen, tokens_since_fired, rank, world, acc)
     sae.eval()
     return TrainResult(sae=sae, steps=final_step, tokens=tokens_seen, last_metrics=last, resumed_from_step=start_step, dead_tokens=dead_tokens)
 
 
-def _checkpoint(root: Path, sae, opt, sae_cfg: SAEConfig, tc: TrainConfig, step: int, tokens: int, tsf: torch.Tensor, rank: int, world: int) -> None:
+def _empty_log_acc() -> dict[str, float]:
+    """Running sums of the metrics averaged over the steps between two log lines (and their count)."""
+    return {"loss": 0.0, "nmse": 0.0, "aux": 0.0, "l0": 0.0, "n": 0}
+
+
+def _checkpoint(root: Path, sae, opt, sae_cfg: SAEConfig, tc: TrainConfig, step: int, tokens: int, tsf: torch.Tensor, rank: int, world: int,
+                log_acc: dict[str, float]) -> None:
     if rank == 0:
-        state = {"step": step, "tokens": tokens, "sae_cfg": sae_cfg.to_dict(), "train_cfg": {k: v for k, v in tc.to_dict().items() if k != "sae"}, "world_size": world}
+        state = {"step": step, "tokens": tokens, "sae_cfg": sae_cfg.to_dict(), "train_cfg": {k: v for k, v in tc.to_dict().items() if k != "sae"}, "world_size": world,
+                 "log_acc": dict(log_acc)}  # Python floats: JSON writes and reads them back bit-exactly (repr)
         _save_checkpoint(root, sae, opt, state, {"tokens_since_fired": tsf})
     if world > 1:
         dist.barrier()
