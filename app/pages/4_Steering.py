@@ -2,15 +2,20 @@
 
 Links: ?sae=NAME&feature=ID[,ID...] (the Feature page's "steer with this"). The page only collects a
 ``SteeringSpec``; generation (``steering.generate``, baseline and steered with the same seed) and the
-strength sweep (``steering.sweep``) run in the library, each on a button press.
+strength sweep (``steering.sweep``) run in the library, each on a button press. "Save spec" writes
+the spec only as ``<workspace>.specs/NAME.json`` (``steering.store.save_named``: a checked name, never a
+path; an existing spec is kept unless "Overwrite" is ticked).
 """
 
 import math
+import shlex
 
 import streamlit as st
 
 from app import cached, render
+from workbench.safety import NAME_CHARS
 from workbench.steering import CODE_MODES, UNITS, Intervention, SteeringSpec, default_unit, parse_indices, parse_strengths
+from workbench.steering.store import save_named, spec_folder
 
 st.set_page_config(page_title="Steering", page_icon="🧭", layout="wide")
 st.title("Steering")
@@ -156,18 +161,22 @@ if state.get("_steer_sweep"):
     st.dataframe(table, hide_index=True)
 
 # -- the spec ---------------------------------------------------------------------------------------
+# The page writes nowhere but the workspace's specs folder (workbench.steering.store): a name, never a path.
 st.subheader("Spec")
-st.caption(f"Run it again with `workbench steer --db {path} --spec FILE --prompt ...`.")
+specs = spec_folder(path)
+st.caption(f"Save it under a name into `{specs}` (this workspace's specs folder), then run it again with "
+           f"`workbench steer --db {path} --spec {specs}/NAME.json --prompt ...`.")
 st.code(spec_json, language="json")
-download_col, path_col, write_col = st.columns([1, 2, 1])
+download_col, name_col, overwrite_col, save_col = st.columns([1, 2, 1, 1])
 download_col.download_button("Download spec", spec_json + "\n", file_name="steering_spec.json", mime="application/json",
                              key="steer_download")
-target = path_col.text_input("Write to a path", key="steer_spec_path", placeholder="/path/to/spec.json",
-                             label_visibility="collapsed")
-if write_col.button("Save spec", key="steer_save"):
-    if not target.strip():
-        st.error("give a path to write the spec to")
-    else:
-        written = cached.call(spec.save, target.strip(), stop=False)
-        if written is not None:
-            st.success(f"wrote {written}")
+spec_name = name_col.text_input("Spec name", key="steer_spec_name", placeholder="name, e.g. feature-12-add-4",
+                                label_visibility="collapsed",  # no max_chars: Streamlit would cut a long name silently
+                                help=f"saved as {specs}/NAME.json; NAME: {NAME_CHARS}")
+overwrite = overwrite_col.checkbox("Overwrite", key="steer_spec_overwrite", value=False,
+                                   help="replace a saved spec of the same name (otherwise an existing one is kept)")
+if save_col.button("Save spec", key="steer_save"):
+    written = cached.call(save_named, spec, path, spec_name.strip(), overwrite=overwrite, stop=False)
+    if written is not None:
+        st.success(f"Saved `{written}`. Reuse it with "
+                   f"`workbench steer --db {shlex.quote(path)} --spec {shlex.quote(str(written))} --prompt ...`")

@@ -1,7 +1,8 @@
 """The Steering page under ``AppTest`` on the small analysed workspace (tiny-llama, TopK SAE).
 
 It renders from a "steer with this" link, generates baseline and steered continuations on a button
-press, draws the strength sweep, saves the spec, and turns bad input into one error line.
+press, draws the strength sweep, saves the spec by name into the workspace's specs folder only, and
+turns bad input into one error line (more hostile input: test_app_bad_input.py).
 """
 
 import json
@@ -102,19 +103,56 @@ def test_sweep_draws_the_curve(app_workspace, busiest_feature, open_page):
     assert table[f"Δ log P · {busiest_feature}"].iloc[2] > table[f"Δ log P · {busiest_feature}"].iloc[0]
 
 
-def test_save_spec_to_a_path(app_workspace, busiest_feature, open_page, tmp_path):
-    at = open_page(app_workspace, "steering", sae=SAE, feature=busiest_feature)
-    target = tmp_path / "spec.json"
-    at.text_input(key="steer_spec_path").input(str(target))
+def test_save_spec_into_the_workspace_specs_folder(workspace_copy, busiest_feature, open_page):
+    at = open_page(workspace_copy, "steering", sae=SAE, feature=busiest_feature)
+    folder = workspace_copy.with_name("copy.specs")  # copy.duckdb → copy.specs beside it
+    assert any(f"`{folder}`" in c.value for c in at.caption)  # the page says where specs go
+    assert not at.checkbox(key="steer_spec_overwrite").value
+    at.text_input(key="steer_spec_name").input("boost-1")
     at.button(key="steer_save").click().run()
     no_exception(at)
-    assert [s.value for s in at.success] == [f"wrote {target}"]
+    assert not errors(at)
+    target = folder / "boost-1.json"
+    (message,) = [s.value for s in at.success]
+    assert message.startswith(f"Saved `{target}`.")
+    assert f"workbench steer --db {workspace_copy} --spec {target} --prompt ..." in message  # how to reuse it
     assert SteeringSpec.load(target) == SteeringSpec.from_dict(shown_spec(at))
-    at.text_input(key="steer_spec_path").input(str(tmp_path / "no" / "such" / "dir" / "spec.json"))
+    assert sorted(p.name for p in workspace_copy.parent.iterdir()) == ["copy.duckdb", "copy.specs"]
+    assert [p.name for p in folder.iterdir()] == ["boost-1.json"]
+
+
+def test_saving_under_an_existing_name_needs_overwrite(workspace_copy, busiest_feature, open_page):
+    folder = workspace_copy.with_name("copy.specs")
+    folder.mkdir()
+    (folder / "kept.json").write_text("{}\n")
+    at = open_page(workspace_copy, "steering", sae=SAE, feature=busiest_feature)
+    at.text_input(key="steer_spec_name").input("kept")
     at.button(key="steer_save").click().run()
     no_exception(at)
-    (message,) = errors(at)
-    assert message.startswith("cannot write steering spec ") and "No such file or directory" in message
+    assert errors(at) == [f"spec 'kept' exists in {folder}: tick 'Overwrite' to replace it, or choose another name"]
+    assert not at.success and (folder / "kept.json").read_text() == "{}\n"
+    at.checkbox(key="steer_spec_overwrite").check()
+    at.button(key="steer_save").click().run()
+    no_exception(at)
+    assert not errors(at) and [s.value for s in at.success][0].startswith(f"Saved `{folder / 'kept.json'}`.")
+    assert SteeringSpec.load(folder / "kept.json") == SteeringSpec.from_dict(shown_spec(at))
+    assert [p.name for p in folder.iterdir()] == ["kept.json"]  # replaced in place, no temporary left
+
+
+@pytest.mark.parametrize("name, message", [
+    ("", "give the spec a name: "),
+    ("../escaped", "invalid spec name '../escaped': use letters, digits"),
+    ("/tmp/spec", "invalid spec name '/tmp/spec': use letters, digits"),
+])
+def test_a_path_is_not_a_spec_name(workspace_copy, busiest_feature, open_page, name, message):
+    at = open_page(workspace_copy, "steering", sae=SAE, feature=busiest_feature)
+    at.text_input(key="steer_spec_name").input(name)
+    at.button(key="steer_save").click().run()
+    no_exception(at)
+    (error,) = errors(at)
+    assert error.startswith(message)
+    assert not at.success
+    assert [p.name for p in workspace_copy.parent.iterdir()] == ["copy.duckdb"]  # not even the specs folder
 
 
 @pytest.mark.parametrize("query, message", [
@@ -136,5 +174,6 @@ def test_bad_strengths_in_the_sweep_are_one_error_line(app_workspace, open_page)
     at.text_input(key="steer_strengths").input("0, 1, nan")
     at.button(key="steer_sweep").click().run()
     no_exception(at)
-    assert errors(at) == ["strength must be finite, got nan"]
+    (message,) = errors(at)  # the wording (and the bound on |strength|) belong to parse_strengths
+    assert message.startswith("strength must be ") and message.endswith("got nan")
     assert not at.get("plotly_chart")
