@@ -21,11 +21,9 @@ from typing import Any, Callable
 
 import streamlit as st
 
-from saes import SAEError
-from workbench.errors import WorkbenchError
+from workbench.errors import report
 
 ENV_VAR = "WORKBENCH_DB"
-USER_ERRORS = (WorkbenchError, SAEError)
 
 
 # -- the workspace ----------------------------------------------------------------------------
@@ -57,7 +55,7 @@ def _open(path: str):
 
 def call(fn: Callable, *args: Any, stop: bool = True, **kwargs: Any) -> Any:
     """Run ``fn``; a busy workspace stops the page with a warning and a Retry button, any other
-    user-facing error shows one ``st.error`` line and stops the page (``stop=False``: returns None)."""
+    error shows one ``st.error`` line and stops the page (``stop=False``: returns None)."""
     from workbench.workspace import WorkspaceBusy
 
     try:
@@ -66,8 +64,8 @@ def call(fn: Callable, *args: Any, stop: bool = True, **kwargs: Any) -> Any:
         st.warning(str(err))
         st.button("Retry", key="retry_busy", help="read the workspace again")  # a click reruns the page
         st.stop()
-    except USER_ERRORS as err:
-        st.error(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+    except Exception as err:  # one line, the CLI's wording (workbench.errors.report)
+        st.error(report(err).line)
         if stop:
             st.stop()
     return None

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data.documents import CorpusError, Document
+from data.hub import hub_unreachable
 from data.loaders import DEFAULT_DOMAIN, first_line
 
 HF_SPEC_FORMS = "hf:NAME, hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT"
@@ -78,6 +79,7 @@ def _open_dataset(spec: HFSpec):
                                       f"{spec.split!r}; splits: {', '.join(dataset)}")
                 dataset = dataset[spec.split]
             return dataset
+        hub_unreachable()  # offline: the libraries read their caches without retrying
         return datasets.load_dataset(spec.name, spec.config, split=spec.split, streaming=True)
     except CorpusError:
         raise
@@ -87,5 +89,7 @@ def _open_dataset(spec: HFSpec):
 
 def _wrap(spec: HFSpec, err: Exception) -> CorpusError:
     config = f", config {spec.config!r}" if spec.config else ""
-    return CorpusError(f"cannot load Hugging Face dataset {spec.name!r}{config}, split "
-                       f"{spec.split!r}: {first_line(err)}; check the name, or use {HF_SPEC_FORMS}")
+    offline = hub_unreachable()
+    why = (f"{offline} and it is not in the local datasets cache; use a local file or a folder written by save_to_disk"
+           if offline else f"{first_line(err)}; check the name, or use {HF_SPEC_FORMS}")
+    return CorpusError(f"cannot load Hugging Face dataset {spec.name!r}{config}, split {spec.split!r}: {why}")

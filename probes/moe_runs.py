@@ -685,13 +685,13 @@ def run_moe(db: Path, request: MoeRequest, *, loaded=None, progress: bool = True
     """Validate, measure and store one run; returns (moe_run_id, result)."""
     from probes import moe_records
     from workbench.models import load_model
-    from workbench.workspace import Workspace, ensure_not_busy
+    from workbench.workspace import Workspace, ensure_writable
 
     started = time.time()
     db = Path(db)
     if not db.expanduser().resolve().parent.is_dir():
         raise MoeRunError(f"workspace directory does not exist: {db.parent} (create it first or choose another --db)")
-    ensure_not_busy(db)
+    ensure_writable(db)
     ws = _reader(db)
     try:
         record, ws_model, ws_corpus = workspace_defaults(ws, request.sae)

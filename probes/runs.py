@@ -13,7 +13,7 @@ from probes.heldout import heldout_tokens
 from probes.laws import LawFit, LawFitError, fit_law, get_law
 from probes.sparsity import check_request, measure
 from workbench.errors import WorkbenchError
-from workbench.workspace import Workspace, ensure_not_busy
+from workbench.workspace import Workspace, ensure_writable
 
 
 def run_measure(db: Path, model_name: str, *, corpus: str = "stdlib", ps: list[float] | None = None,
@@ -31,7 +31,7 @@ def run_measure(db: Path, model_name: str, *, corpus: str = "stdlib", ps: list[f
     if eval_tokens <= 0 or calibration_tokens <= 0 or ctx < 2 or batch_size <= 0:
         raise WorkbenchError(f"need --tokens > 0, --calibration-tokens > 0, --ctx ≥ 2 and --batch > 0 "
                              f"(got {eval_tokens}, {calibration_tokens}, {ctx}, {batch_size})")
-    ensure_not_busy(db)
+    ensure_writable(db)
     loaded = model or load_model(model_name, device=device)
     shape = records.model_shape(loaded.model)  # refuses models without MLP neurons before any work
     tokens = heldout_tokens(loaded.tokenizer, corpus, eval_tokens, ctx)  # (rows, ctx)

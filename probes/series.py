@@ -22,7 +22,7 @@ from probes.laws import LawFitError, fit_law
 from probes.sparsity import ZERO, measure
 from probes.tiny_lm import ACTIVATIONS, Checkpoint, TinyLMConfig, prepare_token_data, shapes_at_fixed_params, train_tiny_lm
 from workbench.errors import WorkbenchError
-from workbench.workspace import Workspace, ensure_not_busy
+from workbench.workspace import Workspace, ensure_writable
 
 WIDTH_DEPTH_SERIES = "width-depth"
 LAW_OF_ACTIVATION = {"relu": "relu", "silu": "silu"}  # which law a series of each activation follows
@@ -102,7 +102,7 @@ def run_series(db: Path, out_root: Path, plan: SeriesPlan, *, progress: bool = T
     from data import load_corpus
     from workbench.models import load_model
 
-    ensure_not_busy(db)
+    ensure_writable(db)
     configs = planned_models(plan)
     data = prepare_token_data(load_corpus(plan.corpus), out_root / "data", vocab_size=plan.vocab_size,
                               context=plan.context, seed=plan.seed)

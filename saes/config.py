@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from .errors import SAEConfigError
 
+MAX_DIM = 2**31 - 1  # d_in, width and k are 32-bit integers wherever they are stored
+
 
 @dataclass(frozen=True)
 class SAEConfig:
@@ -69,6 +71,9 @@ class SAEConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool):
                 raise SAEConfigError(f"{name} must be an int, got {v!r}")
+        for name in ("d_in", "width", "k"):
+            if getattr(self, name) > MAX_DIM:
+                raise SAEConfigError(f"{name} must be at most {MAX_DIM:,}, got {getattr(self, name):,}")
         if self.d_in <= 0:
             raise SAEConfigError(f"d_in must be > 0, got {self.d_in}")
         if self.width <= 0:
@@ -98,6 +103,13 @@ class SAEConfig:
         if self.k_aux is not None:
             return self.k_aux
         return min(self.width, 2 ** max(0, int(math.floor(math.log2(max(1, self.d_in // 2))))))
+
+    def training_bytes(self, batch_size: int) -> int:
+        """A lower bound on the memory one training step needs, in bytes (float32): the
+        dictionary's weights with their gradients and two Adam moments, plus the batch's
+        pre-activations and their gradient."""
+        params = 2 * self.width * self.d_in + self.width + self.d_in  # (d, F), (F, d), biases
+        return 4 * (4 * params + 2 * batch_size * self.width)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -138,8 +138,17 @@ def load_sae(directory: str | Path, expected_d_in: int | None = None) -> torch.n
         raise SAELoadError(f"invalid config in {directory}: {e}") from None
     if (sae_cfg.d_in, sae_cfg.width) != (d_in, d_sae):
         raise SAELoadError(f"{directory}: saes_config (d_in={sae_cfg.d_in}, width={sae_cfg.width}) disagrees with d_in={d_in}, d_sae={d_sae}")
-    sae = build(sae_cfg)
     wp = directory / WEIGHTS_FILENAME
+    # Shapes first: the config alone must not make us allocate (a cfg.json can claim any width).
+    expected = {"codebook": (d_sae, d_in)} if sae_cfg.arch == "codebook" else {
+        "W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    for name, shape in expected.items():
+        if name not in tensors:
+            raise SAELoadError(f"{wp} lacks tensor {name!r}")
+        if tuple(tensors[name].shape) != shape:
+            raise SAELoadError(f"{wp}: tensor {name} has shape {tuple(tensors[name].shape)}, but {CFG_FILENAME} "
+                               f"says d_in={d_in}, d_sae={d_sae} (expected {shape})")
+    sae = build(sae_cfg)
     with torch.no_grad():
         if sae_cfg.arch == "codebook":
             sae.codebook.copy_(_expect(tensors, "codebook", (d_sae, d_in), wp))

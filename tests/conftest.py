@@ -42,3 +42,28 @@ def stdlib_corpus():
 @pytest.fixture
 def workspace_path(tmp_path: Path) -> Path:
     return tmp_path / "ws.duckdb"
+
+
+@pytest.fixture
+def table_digest():
+    """``digest(db)`` → {table: sha256 of its columns and of all its rows in a total order}, read
+    through a read-only connection; equal digests before and after mean nothing was written."""
+    import hashlib
+
+    import duckdb
+
+    def digest(db) -> dict[str, str]:
+        con = duckdb.connect(str(db), read_only=True)
+        try:
+            out = {}
+            for (table,) in con.execute("SELECT table_name FROM information_schema.tables ORDER BY 1").fetchall():
+                columns = con.execute("SELECT column_name, data_type FROM information_schema.columns "
+                                      "WHERE table_name = ? ORDER BY ordinal_position", [table]).fetchall()
+                quoted = '"' + table.replace('"', '""') + '"'
+                rows = con.execute(f"SELECT * FROM {quoted} ORDER BY ALL").fetchall()
+                out[table] = hashlib.sha256(repr((columns, rows)).encode()).hexdigest()
+            return out
+        finally:
+            con.close()
+
+    return digest

@@ -17,6 +17,7 @@ import pyarrow.dataset as pads
 import torch
 
 from workbench.caching import STORAGE_DTYPES
+from workbench.safety import check_writable_dir, sql_string
 from workbench.workspace import Workspace, WorkspaceError, fetch_one
 
 HOLDOUT_EVERY = 20
@@ -138,15 +139,18 @@ def export_parquet(ws: Workspace, out_dir: str | Path, *, hooks: list[str] | Non
     ``activation`` (a fixed-size list of float16, or float32 for bfloat16 caches, since Parquet
     has no bfloat16). Tables go through DuckDB's ``COPY ... PARTITION_BY``.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    cached = sorted({hook for _, _, hook, _, stored in ws.cached_hooks() if stored})
+    unknown = sorted(set(hooks or ()) - set(cached))
+    if unknown:
+        raise WorkspaceError(f"hook {unknown[0]!r} is not cached in {ws.path.name}; cached: {', '.join(cached) or 'none'}")
+    out = check_writable_dir(out_dir, "export folder").resolve()
     for table, partition in (("tokens", None), ("contexts", "run_id"), ("documents", "corpus_id")):
-        target = str(out / table)
-        options = "FORMAT parquet, OVERWRITE_OR_IGNORE" + (f", PARTITION_BY ({partition})" if partition else "")
+        # COPY TO cannot bind its file name: the path is quoted by the one tested helper.
         if partition is None:
-            target += ".parquet"
-            options = "FORMAT parquet"
-        ws.con.execute(f"COPY {table} TO '{target}' ({options})")
+            target, options = out / f"{table}.parquet", "FORMAT parquet"
+        else:
+            target, options = out / table, f"FORMAT parquet, OVERWRITE_OR_IGNORE, PARTITION_BY ({partition})"
+        ws.con.execute(f"COPY {table} TO {sql_string(str(target))} ({options})")
     for run_id, _, hook, d, stored in ws.cached_hooks():
         if stored == 0 or (hooks and hook not in hooks):
             continue

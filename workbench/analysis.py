@@ -88,6 +88,8 @@ def analyze(ws: Workspace, sae_ref: str | int, *, model=None, batch_contexts: in
 
     ``model`` (the run's ``LoadedModel``) is needed for logit effects; without it they are skipped.
     """
+    if isinstance(batch_contexts, bool) or not isinstance(batch_contexts, int) or batch_contexts <= 0:
+        raise AnalysisError(f"contexts per batch must be a positive integer, got {batch_contexts!r}")
     record = resolve_sae(ws, sae_ref)
     sae = saes.load_sae(record.path, expected_d_in=record.d_in)
     sae.eval()
@@ -100,14 +102,16 @@ def analyze(ws: Workspace, sae_ref: str | int, *, model=None, batch_contexts: in
         if row is None or row[1] != len(ids):  # new, or the cache grew since: start over
             con.execute("DELETE FROM feature_acts WHERE sae_id = ?", [record.sae_id])
             con.execute("DELETE FROM analyses WHERE sae_id = ?", [record.sae_id])
-            con.execute("INSERT INTO analyses VALUES (?, ?, 0, ?, 'running')", [record.sae_id, len(ids), len(ids) * (ctx_len - 1)])
+            con.execute("INSERT INTO analyses (sae_id, n_contexts, contexts_done, n_tokens, status) VALUES (?, ?, 0, ?, 'running')",
+                        [record.sae_id, len(ids), len(ids) * (ctx_len - 1)])
             done = 0
         else:
             done = int(row[0])
+            con.execute("UPDATE analyses SET status = 'running', error = NULL WHERE sae_id = ?", [record.sae_id])
 
     bar = tqdm(total=len(ids) * (ctx_len - 1), initial=done * (ctx_len - 1), unit="tok", unit_scale=True,
                desc=f"analysing sae {record.sae_id}", disable=not progress, dynamic_ncols=True)
-    with bar:
+    with ws.job("analyses", record.sae_id), bar:  # a failure is recorded on the row; a rerun resumes
         for start in range(done, len(ids), batch_contexts):
             chunk = ids[start : start + batch_contexts]
             acts = read_contexts(ws, record.hook, chunk, run_id=record.run_id)[:, 1:]  # [n, L-1, d], BOS left out
@@ -126,13 +130,13 @@ def analyze(ws: Workspace, sae_ref: str | int, *, model=None, batch_contexts: in
                 con.execute("UPDATE analyses SET contexts_done = ? WHERE sae_id = ?", [start + len(chunk), record.sae_id])
             bar.update(len(chunk) * (ctx_len - 1))
 
-    n_tokens = len(ids) * (ctx_len - 1)
-    with ws.transaction() as con:
-        _store_statistics(con, record, n_tokens)
-        _store_related(con, record, decoder_directions(sae), ids, ctx_len)
-        if model is not None:
-            _store_logit_effects(con, record, decoder_directions(sae), model)
-        con.execute("UPDATE analyses SET status = 'done' WHERE sae_id = ?", [record.sae_id])
+        n_tokens = len(ids) * (ctx_len - 1)
+        with ws.transaction() as con:
+            _store_statistics(con, record, n_tokens)
+            _store_related(con, record, decoder_directions(sae), ids, ctx_len)
+            if model is not None:
+                _store_logit_effects(con, record, decoder_directions(sae), model)
+            con.execute("UPDATE analyses SET status = 'done' WHERE sae_id = ?", [record.sae_id])
     n_nonzeros, live = fetch_one(
         ws.con, "SELECT sum(n_fired), count(*) FILTER (WHERE n_fired > 0) FROM feature_stats WHERE sae_id = ?", [record.sae_id]
     )
@@ -144,13 +148,13 @@ def _store_statistics(con, record: SAERecord, n_tokens: int) -> None:
     for table in ("feature_stats", "feature_examples"):
         con.execute(f"DELETE FROM {table} WHERE sae_id = ?", [sae_id])
     aggregates = con.execute(
-        "SELECT feature, count(*), avg(value), max(value) FROM feature_acts WHERE sae_id = ? GROUP BY feature", [sae_id]
+        "SELECT feature, count(*), max(value) FROM feature_acts WHERE sae_id = ? GROUP BY feature", [sae_id]
     ).fetchall()
     n_fired = np.zeros(record.width, np.int64)
-    mean = np.full(record.width, np.nan)
     peak = np.full(record.width, np.nan)
-    for feature, count, avg, mx in aggregates:
-        n_fired[feature], mean[feature], peak[feature] = count, avg, mx
+    for feature, count, mx in aggregates:
+        n_fired[feature], peak[feature] = count, mx
+    mean = _exact_means(con, sae_id, record.width)
     hist = np.zeros((record.width, HIST_BINS), np.int64)
     for feature, b, count in con.execute(
         f"""SELECT a.feature, least({HIST_BINS - 1}, floor(a.value / m.mx * {HIST_BINS}))::INTEGER, count(*)
@@ -168,17 +172,25 @@ def _store_statistics(con, record: SAERecord, n_tokens: int) -> None:
         "max_value": pa.array(peak, from_pandas=True),
         "hist_counts": pa.array(list(hist)),
     }))
-    # Top-n aggregates keep n rows per group in memory, unlike a window sort over every nonzero.
+    # Top-n aggregates keep n rows per group in memory, unlike a window sort over every nonzero. Their
+    # keys are structs compared field by field, unique per row (a token fires a feature once), so the
+    # order is total: top examples by (value desc, context_id asc, position asc), the same order as
+    # row_number() OVER (PARTITION BY feature ORDER BY value DESC, context_id, position); band examples
+    # by (hash, context_id, position), the hash only spreading the picks over the band. float16
+    # activations give many exactly equal values, and with a non-unique key the picks and their
+    # ranks depended on how DuckDB's threads happened to split the scan.
     top = con.execute(
-        f"""SELECT feature, -1, max_by({{'c': context_id, 'p': position, 'v': value}}, value, {N_TOP})
-            FROM feature_acts WHERE sae_id = ? GROUP BY feature""",
+        f"""SELECT feature, -1, max_by({{'c': context_id, 'p': position, 'v': value}},
+                                       {{'v': value, 'c': -context_id, 'p': -position}}, {N_TOP})
+            FROM feature_acts WHERE sae_id = ? GROUP BY feature ORDER BY feature""",
         [sae_id],
     ).fetchall()
     banded = con.execute(
         f"""SELECT a.feature, least({N_BANDS - 1}, floor(a.value / s.max_value * {N_BANDS}))::SMALLINT AS band,
-                   min_by({{'c': a.context_id, 'p': a.position, 'v': a.value}}, hash(a.context_id, a.position), {PER_BAND})
+                   min_by({{'c': a.context_id, 'p': a.position, 'v': a.value}},
+                          {{'h': hash(a.context_id, a.position), 'c': a.context_id, 'p': a.position}}, {PER_BAND})
             FROM feature_acts a JOIN feature_stats s ON s.sae_id = a.sae_id AND s.feature = a.feature
-            WHERE a.sae_id = ? GROUP BY ALL""",
+            WHERE a.sae_id = ? GROUP BY ALL ORDER BY a.feature, band""",
         [sae_id],
     ).fetchall()
     columns = {"feature": [], "band": [], "rank": [], "context_id": [], "position": [], "value": []}
@@ -198,6 +210,64 @@ def _store_statistics(con, record: SAERecord, n_tokens: int) -> None:
     }))
 
 
+_UNIT_SHIFT = 175  # 2^-175 divides every term S_e · 2^(e-24) below (e ≥ -150)
+
+
+def _exact_means(con, sae_id: int, width: int) -> np.ndarray:
+    """Mean z_f over each feature's rows, correctly rounded: [width] float64, NaN where it never fires.
+
+    ``avg`` over floats depends on the order DuckDB's threads add the partial sums in, so two runs
+    could store means differing in the last bits. Here every float32 value v with binary exponent
+    e = ⌊log2 |v|⌋ is an exact integer multiple of 2^(e-24) below 2^26 in magnitude, so per
+    (feature, e) the integers v·2^(24-e) are summed exactly (HUGEINT) and the exact total is
+    divided by the count in Python's exact integer division: the same bits whatever the order.
+    (A ⌊log2⌋ off by one at a power of two keeps both properties.) Non-finite values keep ``sum``.
+    """
+    rows = con.execute(
+        """WITH v AS (SELECT feature, value::DOUBLE AS value,
+                             CASE WHEN isfinite(value) AND value <> 0 THEN floor(log2(abs(value::DOUBLE)))::INTEGER END AS e
+                      FROM feature_acts WHERE sae_id = ?)
+           SELECT feature, e, count(*),
+                  CASE WHEN e IS NULL THEN sum(value) END,
+                  CASE WHEN e IS NOT NULL THEN sum((value * pow(2, 24 - e))::BIGINT) END
+           FROM v GROUP BY feature, e""",
+        [sae_id],
+    ).fetchall()
+    counts = [0] * width
+    totals = [0] * width  # exact sums in units of 2^-_UNIT_SHIFT
+    special: dict[int, float] = {}  # features with an inf or NaN value
+    for feature, e, count, plain, scaled in rows:
+        counts[feature] += count
+        if e is None:
+            if plain != 0:  # inf or NaN (zeros are not stored, and would add nothing)
+                special[feature] = plain
+        else:
+            totals[feature] += int(scaled) << (e - 24 + _UNIT_SHIFT)
+    mean = np.full(width, np.nan)
+    for feature, count in enumerate(counts):
+        if count:
+            mean[feature] = special[feature] if feature in special else totals[feature] / (count << _UNIT_SHIFT)
+    return mean
+
+
+def _top_k_total(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of x [n, m] (any device), the k largest entries ordered by (value desc, column asc):
+    values and columns [n, k] on the CPU. ``torch.topk`` leaves the order (and the choice) among
+    equal values open; here it only finds each row's k-th value, and the candidates ≥ it (usually
+    just k) are sorted with the column as tie-breaker. NaN sorts last."""
+    key = x.float().masked_fill(torch.isnan(x), float("-inf"))
+    kth = key.topk(k, dim=1).values[:, -1:]  # [n, 1]
+    rows, cols = (key >= kth).nonzero(as_tuple=True)  # ≥ k per row
+    vals = key[rows, cols].double().cpu().numpy()
+    rows, cols = rows.cpu().numpy(), cols.cpu().numpy()
+    order = np.lexsort((cols, -vals, rows))  # by row, then value desc, then column
+    rows, cols = rows[order], cols[order]
+    per_row = np.bincount(rows, minlength=x.shape[0])
+    keep = np.arange(rows.size) - (np.cumsum(per_row) - per_row)[rows] < k
+    index = torch.from_numpy(cols[keep].reshape(x.shape[0], k))
+    return x.gather(1, index.to(x.device)).cpu(), index
+
+
 def _store_related(con, record: SAERecord, directions: torch.Tensor, context_ids_: list[int], ctx_len: int) -> None:
     """Nearest decoder directions, with co-occurrence Jaccard from one streaming pass over the store."""
     con.execute("DELETE FROM feature_related WHERE sae_id = ?", [record.sae_id])
@@ -208,10 +278,10 @@ def _store_related(con, record: SAERecord, directions: torch.Tensor, context_ids
     for start in range(0, record.width, 1024):
         block = directions[start : start + 1024] @ directions.T  # [b, width]
         block[torch.arange(block.shape[0]), torch.arange(start, start + block.shape[0])] = -2.0  # not itself
-        top = block.topk(k, dim=1)
+        values, indices = _top_k_total(block, k)  # equal cosines (e.g. duplicated directions): lower id first
         features.append(torch.arange(start, start + block.shape[0]).repeat_interleave(k))
-        others.append(top.indices.reshape(-1))
-        cosines.append(top.values.reshape(-1))
+        others.append(indices.reshape(-1))
+        cosines.append(values.reshape(-1))
     feature, other, cosine = torch.cat(features), torch.cat(others), torch.cat(cosines)  # [width·k] each
 
     both = torch.zeros(feature.numel(), dtype=torch.int64)
@@ -264,12 +334,12 @@ def _store_logit_effects(con, record: SAERecord, directions: torch.Tensor, loade
     for start in range(0, record.width, 512):
         effects = logit_effects(directions[start : start + 512], loaded.model)  # [b, vocab]
         for sign in (1, -1):
-            top = (sign * effects).topk(N_LOGITS, dim=1)
-            n = top.indices.shape[0]
+            values, indices = _top_k_total(sign * effects, N_LOGITS)  # equal effects: lower token id first
+            n = indices.shape[0]
             rows["feature"].append(torch.arange(start, start + n).repeat_interleave(N_LOGITS))
             rows["rank"].append((sign * torch.arange(1, N_LOGITS + 1)).repeat(n))
-            rows["token_id"].append(top.indices.reshape(-1))
-            rows["effect"].append(sign * top.values.reshape(-1))
+            rows["token_id"].append(indices.reshape(-1))
+            rows["effect"].append(sign * values.reshape(-1))
     columns = {key: torch.cat(parts).numpy() for key, parts in rows.items()}
     insert_arrow(con, "feature_logits", pa.table({
         "sae_id": np.full(columns["feature"].shape[0], record.sae_id, np.int32),

@@ -29,6 +29,8 @@ from workbench.workspace import Workspace, fetch_one
 
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 CONTEXT_ID_SHIFT = 32
+MAX_CONTEXTS = 2**31 - 1  # a context's index is a 32-bit column (and the low half of its id)
+MAX_CTX = 2**15 - 1  # positions are 16-bit
 
 
 class CacheError(WorkbenchError):
@@ -51,8 +53,11 @@ class CacheRequest:
     def __post_init__(self) -> None:
         if self.tokens <= 0:
             raise CacheError(f"--tokens must be a positive number of tokens, got {self.tokens}")
-        if self.ctx_len < 2:
-            raise CacheError(f"--ctx must be at least 2 (BOS plus one token), got {self.ctx_len}")
+        if not 2 <= self.ctx_len <= MAX_CTX:
+            raise CacheError(f"--ctx must be between 2 (BOS plus one token) and {MAX_CTX}, got {self.ctx_len}")
+        if self.n_contexts > MAX_CONTEXTS:
+            raise CacheError(f"--tokens {self.tokens} is {self.n_contexts:,} contexts of {self.ctx_len} tokens; "
+                             f"a run holds at most {MAX_CONTEXTS:,} contexts")
         if self.batch_size <= 0:
             raise CacheError(f"--batch must be a positive number of contexts, got {self.batch_size}")
         if self.dtype not in STORAGE_DTYPES:
@@ -167,14 +172,14 @@ class ActivationCacher:
     def _find_or_create_run(self, corpus_id: int) -> int:
         identity = json.dumps(self.request.identity(), sort_keys=True)
         row = fetch_one(self.ws.con, 
-            "SELECT run_id, n_contexts_target FROM runs WHERE kind = 'cache' AND config = ?::JSON", [identity]
+            "SELECT run_id, n_contexts_target, status FROM runs WHERE kind = 'cache' AND config = ?::JSON", [identity]
         )
         if row:
-            run_id, target = int(row[0]), int(row[1])
-            if self.request.n_contexts > target:
+            run_id, target, status = int(row[0]), int(row[1]), row[2]
+            if self.request.n_contexts > target or status != "done":  # extended or resumed; earlier failure cleared
                 self.ws.con.execute(
-                    "UPDATE runs SET n_contexts_target = ?, status = 'running' WHERE run_id = ?",
-                    [self.request.n_contexts, run_id],
+                    "UPDATE runs SET n_contexts_target = ?, status = 'running', error = NULL WHERE run_id = ?",
+                    [max(target, self.request.n_contexts), run_id],
                 )
             return run_id
         req = self.request
@@ -230,7 +235,7 @@ class ActivationCacher:
         )
         capture = _Capture(req.hooks)
         written = done
-        with bar, attached(self.loaded.model, capture.fwd_hooks()):
+        with self.ws.job("runs", run_id), bar, attached(self.loaded.model, capture.fwd_hooks()):
             for batch in _batches(remaining, req.batch_size):
                 tokens = torch.tensor([c.token_ids for c in batch], device=self.loaded.model.cfg.device)  # [B, L]
                 with torch.inference_mode():

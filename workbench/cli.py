@@ -12,11 +12,9 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from data import CORPUS_SPEC_HELP, CorpusError
-from saes import SAEError
-from workbench.errors import WorkbenchError
+from data import CORPUS_SPEC_HELP
+from workbench.errors import WorkbenchError, report
 
-USER_ERRORS = (WorkbenchError, CorpusError, SAEError)
 DEFAULT_DB = Path("workspaces/default.duckdb")
 DEMO = dict(model="smollm2-135m", hook="blocks.15.hook_resid_post", corpus="stdlib", tokens=65_536, ctx=128)
 DEMO_SAE = dict(name="demo-topk", arch="topk", width=2304, k=32, train_tokens=524_288)
@@ -24,6 +22,27 @@ DEMO_SAE = dict(name="demo-topk", arch="topk", width=2304, k=32, train_tokens=52
 
 class CliError(WorkbenchError):
     """A command-line argument that is invalid on its own."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors raised as ``CliError`` (one line, through ``main``'s one exit path)
+    instead of a usage block and ``sys.exit``."""
+
+    def error(self, message: str):
+        raise CliError(f"{message} (see `{self.prog} --help`)")
+
+
+def check_text_arguments(args: argparse.Namespace) -> None:
+    """Refuse arguments that are not valid UTF-8 (the shell passes raw bytes; Python keeps them as
+    lone surrogates that would fail deep inside a tokenizer or DuckDB)."""
+    for name, value in vars(args).items():
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, (str, Path)):
+                try:
+                    str(item).encode("utf-8")
+                except UnicodeEncodeError:
+                    flag = "--" + name.replace("_", "-")
+                    raise CliError(f"{flag} is not valid UTF-8 text") from None
 
 
 # -- subcommands --------------------------------------------------------------------------
@@ -36,11 +55,6 @@ def cmd_hooks(args: argparse.Namespace) -> None:
     width = max(map(len, shapes))
     for name, shape in shapes.items():
         print(f"{name:<{width}}  {shape}")
-
-
-def _check_db_path(db: Path) -> None:
-    if not db.expanduser().resolve().parent.is_dir():
-        raise CliError(f"workspace directory does not exist: {db.parent} (create it first or choose another --db)")
 
 
 def cmd_cache(args: argparse.Namespace) -> None:
@@ -61,12 +75,11 @@ def run_cache(*, db: Path, model: str, hooks: Sequence[str], corpus: str, tokens
     from data import load_corpus
     from workbench.caching import ActivationCacher, CacheRequest, validate_request
     from workbench.models import load_model
-    from workbench.workspace import Workspace, ensure_not_busy
+    from workbench.workspace import Workspace, ensure_writable
 
     request = CacheRequest(model=model, hooks=tuple(hooks), corpus=corpus, tokens=tokens, ctx_len=ctx,
                            batch_size=batch, seed=seed, dtype=dtype)
-    _check_db_path(db)
-    ensure_not_busy(db)  # fail now, not after loading the model, if another process is writing
+    ensure_writable(db)  # fail now, not after loading the model: missing folder, read-only, busy, not a workspace
     loaded = load_model(model, device=device)
     validate_request(loaded, request)
     documents = load_corpus(corpus)
@@ -85,7 +98,8 @@ def workspace_summary(ws) -> str:
     lines = [f"workspace {ws.path} (schema v{ws.schema_version()})"]
     for run in ws.runs():
         lines.append(f"  run {run['run']} [{run['kind']}, {run['status']}] model={run['model']} corpus={run['corpus']} "
-                     f"ctx={run['ctx_len']} contexts={run['contexts']} tokens={run['tokens']:,}")
+                     f"ctx={run['ctx_len']} contexts={run['contexts']} tokens={run['tokens']:,}"
+                     + (f" error: {run['error']}" if run["error"] else ""))
     for run_id, _, hook, d, stored in ws.cached_hooks():
         lines.append(f"    {hook}: d={d}, {stored} contexts stored")
     from workbench.training import trained_saes
@@ -93,7 +107,12 @@ def workspace_summary(ws) -> str:
     for sae in trained_saes(ws):
         m = sae["metrics"]
         shown = ", ".join(f"{k}={m[k]:.3f}" for k in ("l0", "fvu", "dead_fraction", "ce_loss_recovered") if k in m)
-        lines.append(f"  sae {sae['sae_id']} {sae['name']} [{sae['arch']}, {sae['status']}] {shown}")
+        lines.append(f"  sae {sae['sae_id']} {sae['name']} [{sae['arch']}, {sae['status']}] {shown}"
+                     + (f" error: {sae['error']}" if sae["error"] else ""))
+    for sae_id, name, status, error in ws.query(
+        "SELECT a.sae_id, s.name, a.status, a.error FROM analyses a JOIN saes s USING (sae_id) WHERE a.status <> 'done' ORDER BY 1"
+    ):
+        lines.append(f"  analysis of sae {sae_id} {name} [{status}]" + (f" error: {error}" if error else ""))
     for domain, n_tokens in ws.query(
         """SELECT coalesce(d.domain, '(bos/separator)'), count(*) FROM tokens t
            JOIN contexts c USING (context_id) JOIN runs r USING (run_id)
@@ -101,8 +120,8 @@ def workspace_summary(ws) -> str:
            GROUP BY 1 ORDER BY 2 DESC"""
     ):
         lines.append(f"  tokens in domain {domain}: {n_tokens:,}")
-    size = ws.path.stat().st_size
-    lines.append(f"  file size {size / 2**20:.1f} MiB")
+    size, wal = ws.file_bytes()
+    lines.append(f"  file size {size / 2**20:.1f} MiB" + (f" + {wal / 2**20:.1f} MiB in the write-ahead log" if wal else ""))
     return "\n".join(lines)
 
 
@@ -143,8 +162,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         bf16_autocast=args.bf16, checkpoint_every=args.checkpoint_every, warmup_steps=args.warmup_steps,
     )
     saes.SAEConfig(d_in=1, **sae_fields)  # validate the dictionary's fields before touching the workspace
-    _check_db_path(args.db)
-    with Workspace(args.db) as ws:
+    with Workspace(args.db, create=False) as ws:
         ws.resolve_hook_run(args.hook, args.run)
         model = None if args.no_downstream else _model_for_run(ws, args.hook, args.run, args.device)
         trained = train_sae(ws, args.hook, sae_fields, train_cfg, name=args.name, run_id=args.run, out=args.out, model=model)
@@ -155,7 +173,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from workbench.training import register_saved
     from workbench.workspace import Workspace
 
-    with Workspace(args.db) as ws:
+    with Workspace(args.db, create=False) as ws:
         ws.resolve_hook_run(args.hook, args.run)
         model = None if args.no_downstream else _model_for_run(ws, args.hook, args.run, args.device)
         trained = register_saved(ws, args.sae, args.hook, name=args.name, run_id=args.run, model=model)
@@ -166,7 +184,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     from workbench.analysis import analyze, resolve_sae
     from workbench.workspace import Workspace
 
-    with Workspace(args.db) as ws:
+    with Workspace(args.db, create=False) as ws:
         record = resolve_sae(ws, args.sae)
         model = None if args.no_logits else _model_for_run(ws, record.hook, record.run_id, args.device)
         summary = analyze(ws, record.sae_id, model=model, batch_contexts=args.batch)
@@ -207,7 +225,7 @@ def cmd_sparsity_fit(args: argparse.Namespace) -> None:
     from workbench.workspace import Workspace
 
     label = metric_label(args.metric, None if args.metric == "zero" else args.p)
-    with Workspace(args.db) as ws:
+    with Workspace(args.db, create=False) as ws:
         print(describe_fit(args.series, label, run_fit(ws, args.series, args.law, label)))
 
 
@@ -228,6 +246,7 @@ def serve_app(db: Path, port: int, address: str = "127.0.0.1") -> None:
 
     from workbench.workspace import Workspace
 
+    check_address(address, port)
     if db.exists():
         Workspace(db).close()  # migrates an older schema once (the app itself only reads)
     Workspace(db, read_only=True).close()  # a clear error now beats a broken page later
@@ -238,6 +257,24 @@ def serve_app(db: Path, port: int, address: str = "127.0.0.1") -> None:
     os.execve(sys.executable, [sys.executable, "-m", "streamlit", "run", str(home), "--server.address", address,
                                "--server.port", str(port), "--server.headless", "true",
                                "--browser.gatherUsageStats", "false"], env)
+
+
+def check_address(address: str, port: int) -> None:
+    """Refuse a port outside 1–65535 or an address that is not an IP literal or ``localhost``;
+    warn on stderr when the app would listen beyond this machine."""
+    import ipaddress
+
+    if not 1 <= port <= 65535:
+        raise CliError(f"--port must be between 1 and 65535, got {port}")
+    if address == "localhost":
+        return
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        raise CliError(f"--address must be an IP address such as 127.0.0.1 or ::1 (or localhost), got {address!r}") from None
+    if not ip.is_loopback:
+        print(f"workbench: warning: serving on {address} exposes the app beyond this machine; it has no authentication, "
+              "and anyone who reaches it can run the model and write steering specs into the workspace", file=sys.stderr)
 
 
 def cmd_app(args: argparse.Namespace) -> None:
@@ -309,7 +346,7 @@ def _integer(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="workbench", description="Interpretability workbench for sparse features.")
+    parser = _Parser(prog="workbench", description="Interpretability workbench for sparse features.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, handler: Callable, help: str) -> argparse.ArgumentParser:
@@ -471,16 +508,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    _quiet_third_party()
+    """Run one command. Every failure ends here as one line on stderr: exit status 2 for bad
+    input, 1 for a failure of the machine or a bug (``WORKBENCH_DEBUG=1`` shows its traceback)."""
+    import os
+
     try:
+        args = build_parser().parse_args(argv)
+        check_text_arguments(args)
+        _quiet_third_party()
         args.handler(args)
-    except USER_ERRORS as err:
-        print(f"workbench: error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("workbench: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except Exception as err:
+        outcome = report(err)
+        if outcome.bug and os.environ.get("WORKBENCH_DEBUG"):
+            raise
+        print(f"workbench: error: {outcome.line}", file=sys.stderr)
+        return outcome.status
     return 0
 
 

@@ -94,13 +94,13 @@ def cmd_moe_show(args: argparse.Namespace) -> None:
 def cmd_probe(args: argparse.Namespace) -> None:
     from probes import moe_records
     from probes.probing import DEFAULT_KS, format_table, probe_texts, sparse_probing
-    from workbench.workspace import Workspace, ensure_not_busy, fetch_one
+    from workbench.workspace import Workspace, ensure_writable, fetch_one
 
     from data.labelled import load_labelled
 
     _check_db(args.db, must_exist=True)
     texts = load_labelled(args.texts, text_field=args.text_field, label_field=args.label_field) if args.texts else None
-    ensure_not_busy(args.db)
+    ensure_writable(args.db)
     ks = tuple(args.k or DEFAULT_KS)
     common = dict(ks=ks, max_per_class=args.max_per_class, min_per_class=args.min_per_class, seed=args.seed,
                   progress=not args.quiet)

@@ -70,7 +70,7 @@ def examples(ws: Workspace, sae: SAERecord, feature: int, *, band: int | None = 
     params = [sae.sae_id, feature] + ([] if band is None else [band]) + [limit]
     picked = ws.query(
         f"""SELECT context_id, position, value, band FROM feature_examples
-            WHERE sae_id = ? AND feature = ? {band_sql} ORDER BY band DESC, value DESC LIMIT ?""",
+            WHERE sae_id = ? AND feature = ? {band_sql} ORDER BY band DESC, value DESC, rank LIMIT ?""",
         params,
     )
     if not picked:
@@ -122,7 +122,7 @@ def related_features(ws: Workspace, sae: SAERecord, feature: int) -> list[dict]:
     rows = ws.query(
         """SELECT r.other, r.cosine, r.cooccurrence, s.density FROM feature_related r
            JOIN feature_stats s ON s.sae_id = r.sae_id AND s.feature = r.other
-           WHERE r.sae_id = ? AND r.feature = ? ORDER BY r.cosine DESC""",
+           WHERE r.sae_id = ? AND r.feature = ? ORDER BY r.cosine DESC, r.other""",
         [sae.sae_id, feature],
     )
     return [{"feature": o, "cosine": c, "cooccurrence": j, "density": d} for o, c, j, d in rows]
@@ -159,7 +159,7 @@ def search_by_pattern(ws: Workspace, sae: SAERecord, pattern: str, *, limit: int
            scored AS (
                SELECT h.feature, h.both_ / s.n_fired AS precision, h.both_ / n_matched.n AS recall, s.n_fired
                FROM hits h CROSS JOIN n_matched JOIN feature_stats s ON s.sae_id = ? AND s.feature = h.feature)
-           SELECT * FROM scored ORDER BY 2 * precision * recall / (precision + recall) DESC LIMIT ?""",
+           SELECT * FROM scored ORDER BY 2 * precision * recall / (precision + recall) DESC, feature LIMIT ?""",
         [sae.run_id, pattern, sae.sae_id, sae.sae_id, limit],
     )
     return [{"feature": f, "precision": p, "recall": r, "f1": 2 * p * r / (p + r), "n_fired": n} for f, p, r, n in rows]

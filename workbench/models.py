@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 import torch
 
+from data.hub import hub_unreachable
 from workbench.errors import WorkbenchError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -158,13 +159,15 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str | None = None, dty
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or torch.float32
     path = resolve_model_path(name_or_path)
+    # Offline, a hub id can still load from the local Hugging Face cache, without retries.
+    offline = None if Path(path).expanduser().is_dir() else hub_unreachable()
     try:
-        hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=bool(offline))
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=bool(offline))
     except (OSError, ValueError) as err:
+        why = f"{offline} and it is not in the local cache" if offline else f"not loadable from the Hugging Face hub ({_first_line(err)})"
         raise ModelError(
-            f"unknown model '{name_or_path}': not an alias ({', '.join(ALIASES)}), "
-            f"not a local model directory, and not loadable from the Hugging Face hub ({_first_line(err)})"
+            f"unknown model '{name_or_path}': not an alias ({', '.join(ALIASES)}), not a local model directory, {why}"
         ) from err
     hf_model.eval()
     bridge = TransformerBridge.boot_transformers(path, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype)

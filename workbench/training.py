@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -27,6 +28,7 @@ from saes.evals import downstream_metrics, reconstruction_metrics
 from workbench.activations import context_ids, iter_activations
 from workbench.errors import WorkbenchError
 from workbench.hooks import attached
+from workbench.safety import check_name, check_writable_dir, confined
 from workbench.workspace import Workspace, fetch_one
 
 EVAL_CONTEXTS = 16  # held-out contexts scored by the language model (logits are [contexts, L, vocab])
@@ -59,16 +61,50 @@ def train_tokens_available(ws: Workspace, run_id: int, hook: str) -> int:
     return len(context_ids(ws, hook, run_id=run_id, split="train")) * (ctx_len - 1)
 
 
-def _register(ws: Workspace, name: str, run_id: int, hook: str, sae_cfg: saes.SAEConfig, config: dict, path: Path) -> tuple[int, bool]:
-    """Insert the ``saes`` row, or find the unfinished one to resume; returns (sae_id, resuming)."""
+def available_memory() -> int:
+    """Bytes of memory this process can still take (MemAvailable; total RAM where that is unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_fits_in_memory(sae_cfg: saes.SAEConfig, batch_size: int) -> None:
+    need, have = sae_cfg.training_bytes(batch_size), available_memory()
+    if need > have:
+        raise TrainingError(
+            f"a {sae_cfg.arch} dictionary of width {sae_cfg.width:,} on d={sae_cfg.d_in} with batches of {batch_size:,} "
+            f"needs at least {need / 2**30:,.1f} GiB to train; {have / 2**30:,.1f} GiB are available"
+        )
+
+
+def _existing(ws: Workspace, name: str, config: dict) -> int | None:
+    """The id of an unfinished SAE ``name`` with the same configuration (to resume), None when the
+    name is free; a finished SAE or another configuration under that name is an error."""
     row = fetch_one(ws.con, "SELECT sae_id, status, config FROM saes WHERE name = ?", [name])
-    if row:
-        sae_id, status, stored = row
-        if status == "done":
-            raise TrainingError(f"an SAE named '{name}' is already trained in this workspace; choose another --name")
-        if json.loads(stored) != config:
-            raise TrainingError(f"an unfinished SAE named '{name}' has a different configuration; choose another --name")
-        return int(sae_id), True
+    if row is None:
+        return None
+    sae_id, status, stored = row
+    if status == "done":
+        raise TrainingError(f"an SAE named '{name}' is already trained in this workspace; choose another name")
+    if json.loads(stored) != config:
+        raise TrainingError(f"an unfinished SAE named '{name}' has a different configuration; choose another name")
+    return int(sae_id)
+
+
+def _register(ws: Workspace, name: str, run_id: int, hook: str, sae_cfg: saes.SAEConfig, config: dict, path: Path) -> tuple[int, bool]:
+    """Insert the ``saes`` row, or find the unfinished one to resume (status back to
+    ``training``); returns (sae_id, resuming)."""
+    sae_id = _existing(ws, name, config)
+    if sae_id is not None:
+        ws.con.execute("UPDATE saes SET status = 'training', error = NULL WHERE sae_id = ?", [sae_id])
+        return sae_id, True
     sae_id = fetch_one(
         ws.con,
         """INSERT INTO saes (name, run_id, hook, arch, d_in, width, k, path, config, status)
@@ -103,12 +139,14 @@ def train_sae(
             f"only {available} training tokens are cached for '{hook}', fewer than one batch of {train_cfg.batch_size}; "
             "cache more tokens or lower --batch-size"
         )
-    name = name or default_name(sae_cfg, hook)
-    path = Path(out) if out else ws.weights_dir / name
+    name = check_name(name or default_name(sae_cfg, hook), "SAE name")
+    path = Path(out).expanduser().resolve() if out else confined(ws.weights_dir, name)
     config = {"sae": sae_cfg.to_dict(), "train": train_cfg.to_dict(), "hook": hook, "run_id": run_id}
+    _existing(ws, name, config)  # every check before anything is written
+    check_fits_in_memory(sae_cfg, train_cfg.batch_size)
+    check_writable_dir(path, "weights folder")
     with ws.transaction():
         sae_id, resuming = _register(ws, name, run_id, hook, sae_cfg, config, path)
-
     epochs = math.ceil(train_cfg.total_tokens / available) + 1  # the trainer stops at total_tokens
     batches = iter_activations(ws, hook, train_cfg.batch_size, seed=train_cfg.seed, run_id=run_id, split="train", epochs=epochs)
 
@@ -118,16 +156,17 @@ def train_sae(
             [sae_id, int(line.get("step", 0)), int(line.get("tokens", 0)), json.dumps(line, default=float)],
         )
 
-    result = saes.train(sae_cfg, train_cfg, batches, on_log=log, checkpoint_dir=path, resume=resuming)
-    saes.save_sae(result.sae, path)
-    metrics = evaluate(ws, result.sae, hook, run_id=run_id, model=model)
-    metrics["train_tokens"] = result.tokens
-    metrics["dead_tokens_window"] = result.dead_tokens
-    with ws.transaction() as con:
-        con.execute(
-            "UPDATE saes SET status = 'done', metrics = ?::JSON, finished_at = current_timestamp WHERE sae_id = ?",
-            [json.dumps(metrics), sae_id],
-        )
+    with ws.job("saes", sae_id):  # a failure is recorded on the row; the same command resumes
+        result = saes.train(sae_cfg, train_cfg, batches, on_log=log, checkpoint_dir=path, resume=resuming)
+        saes.save_sae(result.sae, path)
+        metrics = evaluate(ws, result.sae, hook, run_id=run_id, model=model)
+        metrics["train_tokens"] = result.tokens
+        metrics["dead_tokens_window"] = result.dead_tokens
+        with ws.transaction() as con:
+            con.execute(
+                "UPDATE saes SET status = 'done', metrics = ?::JSON, finished_at = current_timestamp WHERE sae_id = ?",
+                [json.dumps(metrics), sae_id],
+            )
     return TrainedSAE(sae_id, name, path, metrics, result.resumed_from_step)
 
 
@@ -179,8 +218,8 @@ def spliced_loss(model, hook_name: str, tokens: torch.Tensor, batch_size: int = 
 
 
 def trained_saes(ws: Workspace) -> list[dict]:
-    rows = ws.query("SELECT sae_id, name, hook, arch, width, k, status, path, metrics FROM saes ORDER BY sae_id")
-    keys = ("sae_id", "name", "hook", "arch", "width", "k", "status", "path", "metrics")
+    rows = ws.query("SELECT sae_id, name, hook, arch, width, k, status, path, error, metrics FROM saes ORDER BY sae_id")
+    keys = ("sae_id", "name", "hook", "arch", "width", "k", "status", "path", "error", "metrics")
     return [dict(zip(keys, r[:-1] + (json.loads(r[-1]) if r[-1] else {},))) for r in rows]
 
 
@@ -188,15 +227,18 @@ def register_saved(ws: Workspace, directory: Path, hook: str, *, name: str | Non
     """Load an SAE saved in SAELens layout (by this project or by sae-lens), check it fits the
     hook, evaluate it on the held-out split and record it in the workspace."""
     run_id = ws.resolve_hook_run(hook, run_id)
+    directory = Path(directory).expanduser().resolve()
     sae = saes.load_sae(directory, expected_d_in=hook_dim(ws, run_id, hook))
-    name = name or f"{hook}.{Path(directory).name}"
+    name = check_name(name or re.sub(r"[^A-Za-z0-9._-]", "_", f"{hook}.{directory.name}"), "SAE name")
     config = {"sae": sae.cfg.to_dict(), "hook": hook, "run_id": run_id, "loaded_from": str(directory)}
+    _existing(ws, name, config)
     with ws.transaction():
-        sae_id, _ = _register(ws, name, run_id, hook, sae.cfg, config, Path(directory))
-    metrics = evaluate(ws, sae, hook, run_id=run_id, model=model)
-    with ws.transaction() as con:
-        con.execute(
-            "UPDATE saes SET status = 'done', metrics = ?::JSON, finished_at = current_timestamp WHERE sae_id = ?",
-            [json.dumps(metrics), sae_id],
-        )
-    return TrainedSAE(sae_id, name, Path(directory), metrics, 0)
+        sae_id, _ = _register(ws, name, run_id, hook, sae.cfg, config, directory)
+    with ws.job("saes", sae_id):
+        metrics = evaluate(ws, sae, hook, run_id=run_id, model=model)
+        with ws.transaction() as con:
+            con.execute(
+                "UPDATE saes SET status = 'done', metrics = ?::JSON, finished_at = current_timestamp WHERE sae_id = ?",
+                [json.dumps(metrics), sae_id],
+            )
+    return TrainedSAE(sae_id, name, directory, metrics, 0)

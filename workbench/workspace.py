@@ -47,6 +47,10 @@ Version 6 masks by token concept and at matched budgets, and adds Monet's concep
     moe_purge(moe_run_id, kind, concept, tau, n_removed, share_removed, concept_loss, other_loss,
               concept_before, other_before)
 
+Version 7 records why a job failed (``status = 'failed'``; a rerun resumes it)::
+
+    runs(..., error)   saes(..., error)   analyses(..., error)
+
 Activations are stored one row per (hook, context) as a raw little-endian blob of 2-byte floats:
 DuckDB has no 16-bit float type, and whole contexts are what every reader (training, analysis)
 consumes. Every write goes through ``transaction()``, so a crash leaves only whole batches.
@@ -63,7 +67,7 @@ import duckdb
 
 from workbench.errors import WorkbenchError
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 # Migration N takes a workspace from version N-1 to N. Append, never edit.
 MIGRATIONS: dict[int, str] = {
@@ -394,7 +398,15 @@ MIGRATIONS: dict[int, str] = {
         other_before   DOUBLE NOT NULL
     );
     """,
+    7: """
+    ALTER TABLE runs ADD COLUMN error VARCHAR;
+    ALTER TABLE saes ADD COLUMN error VARCHAR;
+    ALTER TABLE analyses ADD COLUMN error VARCHAR;
+    """,
 }
+
+# The job tables whose rows say 'running' / 'training' while a job works on them: table -> key.
+JOB_TABLES = {"runs": "run_id", "saes": "sae_id", "analyses": "sae_id"}
 
 
 def fetch_one(con: duckdb.DuckDBPyConnection, sql: str, params: list | None = None) -> tuple | None:
@@ -415,11 +427,15 @@ class WorkspaceBusy(WorkspaceError):
 _LOCK_PID = re.compile(r"PID (\d+)")
 
 
-def _connect(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
+def _connect(path: Path, read_only: bool, create: bool = True) -> duckdb.DuckDBPyConnection:
     if not path.parent.is_dir():
         raise WorkspaceError(f"workspace directory does not exist: {path.parent} (create it first or choose another --db)")
-    if read_only and not path.exists():
+    if (read_only or not create) and not path.exists():
         raise WorkspaceError(f"no workspace at {path}: build one with `workbench cache ... --db {path}`")
+    if path.exists() and not path.is_file():
+        raise WorkspaceError(f"{path} is not a file: --db names a workspace file (*.duckdb)")
+    if not read_only:
+        _check_writable(path)
     try:
         return duckdb.connect(str(path), read_only=read_only)
     except duckdb.IOException as err:
@@ -434,21 +450,66 @@ def _connect(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
         raise WorkspaceError(f"{path} is not a DuckDB workspace: {str(err).splitlines()[0]}") from err
 
 
-def ensure_not_busy(path: str | Path) -> None:
-    """Raise ``WorkspaceBusy`` if another process holds ``path`` open for writing (no schema checks,
-    so an older workspace that a writer will migrate passes)."""
+def _check_writable(path: Path) -> None:
+    """DuckDB writes the file and a ``.wal`` beside it; find out now, not at the first commit."""
+    import tempfile
+
+    try:  # a real write: os.access says yes to root even on a read-only mount
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".workbench-probe-"):
+            pass
+        if path.exists():
+            with open(path, "r+b"):
+                pass
+    except OSError as err:
+        raise WorkspaceError(
+            f"workspace {path} cannot be written ({err.strerror or err}): DuckDB needs to write the file and a "
+            f".wal beside it; choose a writable folder"
+        ) from None
+
+
+def ensure_writable(path: str | Path) -> None:
+    """Every check a writer can make before it loads a model: the folder exists and takes files,
+    no other process is writing, and an existing file is a workspace this version can open."""
     path = Path(path).expanduser().resolve()
-    if path.exists():
-        _connect(path, read_only=True).close()
+    if not path.parent.is_dir():
+        raise WorkspaceError(f"workspace directory does not exist: {path.parent} (create it first or choose another --db)")
+    if path.exists() and not path.is_file():
+        raise WorkspaceError(f"{path} is not a file: --db names a workspace file (*.duckdb)")
+    _check_writable(path)
+    if not path.exists():
+        return
+    con = _connect(path, read_only=True)
+    try:
+        _check_version(con, path)
+    finally:
+        con.close()
+
+
+def _check_version(con: duckdb.DuckDBPyConnection, path: Path) -> int:
+    """The schema version of an open database; a newer workbench's workspace, or a DuckDB file
+    that is not a workspace at all, is refused."""
+    if not fetch_one(con, "SELECT count(*) FROM information_schema.tables WHERE table_name = 'schema_version'")[0]:
+        tables = fetch_one(con, "SELECT count(*) FROM information_schema.tables")[0]
+        if tables:
+            raise WorkspaceError(f"{path} is a DuckDB database with {tables} tables but not a workbench workspace "
+                                 "(no schema_version table); choose a new file for --db")
+        return 0
+    version = int(fetch_one(con, "SELECT version FROM schema_version")[0])
+    if version > SCHEMA_VERSION:
+        raise WorkspaceError(f"{path} has schema version {version}, newer than this workbench's {SCHEMA_VERSION}: "
+                             "upgrade the workbench to open it")
+    return version
 
 
 class Workspace:
     """A connection to one workspace file; use as a context manager to close it."""
 
-    def __init__(self, path: str | Path, read_only: bool = False):
+    def __init__(self, path: str | Path, read_only: bool = False, create: bool = True):
+        """Open (``create``: or create) the workspace at ``path``; an older schema is migrated
+        unless ``read_only``."""
         self.path = Path(path).expanduser().resolve()
         self.read_only = read_only
-        self.con = _connect(self.path, read_only)
+        self.con = _connect(self.path, read_only, create)
         try:
             self._check_or_migrate()
         except Exception:
@@ -481,22 +542,36 @@ class Workspace:
             raise
         self.con.execute("COMMIT")
 
+    @contextmanager
+    def job(self, table: str, key: int) -> Iterator[None]:
+        """Work on the row ``key`` of a job table (``JOB_TABLES``); if the work raises, the row
+        is marked ``failed`` with a one-line reason (a rerun resumes it). Committed batches
+        stay; if the database itself can no longer be written (disk full), the row keeps its
+        status and the original error propagates."""
+        from workbench.errors import one_line
+
+        column = JOB_TABLES[table]
+        try:
+            yield
+        except BaseException as err:
+            reason = "interrupted" if isinstance(err, KeyboardInterrupt) else f"{type(err).__name__}: {one_line(err)}"
+            try:
+                self.con.execute(f"UPDATE {table} SET status = 'failed', error = ? WHERE {column} = ?", [reason[:500], key])
+            except duckdb.Error:
+                pass
+            raise
+
+    def file_bytes(self) -> tuple[int, int]:
+        """(bytes in the database file, bytes in its write-ahead log not yet checkpointed)."""
+        wal = self.path.with_name(self.path.name + ".wal")
+        return self.path.stat().st_size, wal.stat().st_size if wal.exists() else 0
+
     # -- schema ----------------------------------------------------------------------------
     def schema_version(self) -> int:
-        has_table = fetch_one(
-            self.con, "SELECT count(*) FROM information_schema.tables WHERE table_name = 'schema_version'"
-        )[0]
-        if not has_table:
-            return 0
-        return int(fetch_one(self.con, "SELECT version FROM schema_version")[0])
+        return _check_version(self.con, self.path)
 
     def _check_or_migrate(self) -> None:
         version = self.schema_version()
-        if version > SCHEMA_VERSION:
-            raise WorkspaceError(
-                f"{self.path} has schema version {version}, newer than this workbench's {SCHEMA_VERSION}: "
-                "upgrade the workbench to open it"
-            )
         if version == SCHEMA_VERSION:
             return
         if self.read_only:
@@ -516,10 +591,10 @@ class Workspace:
         """Every run with its model, corpus (spec without its fingerprint), context length, status and size."""
         rows = self.query(
             """SELECT r.run_id, r.kind, r.model, c.spec, r.ctx_len, r.status,
-                      (SELECT count(*) FROM contexts x WHERE x.run_id = r.run_id)
+                      (SELECT count(*) FROM contexts x WHERE x.run_id = r.run_id), r.error
                FROM runs r JOIN corpora c USING (corpus_id) ORDER BY r.run_id"""
         )
-        keys = ("run", "kind", "model", "corpus", "ctx_len", "status", "contexts")
+        keys = ("run", "kind", "model", "corpus", "ctx_len", "status", "contexts", "error")
         return [dict(zip(keys, row), corpus=row[3].split("#")[0], tokens=row[6] * row[4]) for row in rows]
 
     def cached_hooks(self) -> list[tuple[int, str, str, int, int]]:

@@ -129,7 +129,7 @@ def test_analysis_resumes_after_a_crash(analysed, monkeypatch, tmp_path):
         monkeypatch.setattr(analysis, "read_contexts", crash_on_third)
         with pytest.raises(KeyboardInterrupt):
             analysis.analyze(ws, "tiny", batch_contexts=16, progress=False)
-        assert ws.query("SELECT contexts_done, status FROM analyses") == [(32, "running")]
+        assert ws.query("SELECT contexts_done, status, error FROM analyses") == [(32, "failed", "interrupted")]
         monkeypatch.setattr(analysis, "read_contexts", real)
         summary = analysis.analyze(ws, "tiny", batch_contexts=16, progress=False)
         assert summary.resumed_from == 32

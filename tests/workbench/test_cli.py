@@ -64,7 +64,8 @@ def test_hooks_command_lists_shapes(capsys):
         (("--corpus", "/no/such/file.txt"), "/no/such/file.txt"),
         (("--tokens", "0"), "--tokens must be a positive"),
         (("--tokens", "-5"), "--tokens must be a positive"),
-        (("--ctx", "100000"), "exceeds the model's context length 512"),
+        (("--ctx", "1000"), "exceeds the model's context length 512"),
+        (("--ctx", "100000"), "--ctx must be between 2"),
         (("--dtype", "float32"), "--dtype must be one of float16, bfloat16"),
     ],
 )
@@ -123,12 +124,13 @@ def test_an_older_schema_is_migrated_by_the_next_write(existing, capsys):
         con.execute(f"DROP TABLE {table}")
     for sequence in ("sae_ids", "sparsity_ids", "moe_run_ids", "probe_run_ids"):
         con.execute(f"DROP SEQUENCE {sequence}")
+    con.execute("ALTER TABLE runs DROP COLUMN error")  # added by v7
     con.execute("UPDATE schema_version SET version = 1")
     con.close()
     assert "open it once for writing" in run_bad(["info", "--db", str(existing)], capsys)
     assert main([*BASE, "--db", str(existing)]) == 0  # a writer migrates it
     with Workspace(existing, read_only=True) as ws:
-        assert ws.schema_version() == SCHEMA_VERSION == 6 and ws.query("SELECT count(*) FROM saes") == [(0,)]
+        assert ws.schema_version() == SCHEMA_VERSION == 7 and ws.query("SELECT count(*) FROM saes") == [(0,)]
         assert ws.query("SELECT count(*) FROM moe_runs") == ws.query("SELECT count(*) FROM probe_results") == [(0,)]
 
 

@@ -29,6 +29,8 @@ UNITS = ("raw", "feature_max", "feature_p99")
 CODE_MODES = ("replace_lowest", "replace_all")
 DEFAULT_CODE_MODE = "replace_lowest"
 SPEC_VERSION = 1
+MAX_STRENGTH = 1e4  # |strength| bound, in the strength's unit: far past where text stops being text
+MAX_SPEC_CHARS = 1_000_000
 
 
 class SteeringError(WorkbenchError):
@@ -69,8 +71,8 @@ def parse_strengths(text: str, *, limit: int = 12) -> tuple[float, ...]:
             value = float(part)
         except ValueError:
             raise SteeringError(f"strengths must be numbers separated by commas, got '{part}'") from None
-        if not math.isfinite(value):
-            raise SteeringError(f"strength must be finite, got {part}")
+        if not math.isfinite(value) or abs(value) > MAX_STRENGTH:
+            raise SteeringError(f"strength must be a finite number within ±{MAX_STRENGTH:g} (in its unit), got {part}")
         out.append(value)
     return tuple(out)
 
@@ -101,8 +103,8 @@ class Intervention:
             raise SteeringError(f"unknown steering method {self.method!r}; valid: {', '.join(METHODS)}")
         if isinstance(self.strength, bool) or not isinstance(self.strength, numbers.Real):
             raise SteeringError(f"strength must be a number, got {self.strength!r}")
-        if not math.isfinite(float(self.strength)):
-            raise SteeringError(f"strength must be finite, got {self.strength}")
+        if not math.isfinite(float(self.strength)) or abs(float(self.strength)) > MAX_STRENGTH:
+            raise SteeringError(f"strength must be a finite number within ±{MAX_STRENGTH:g} (in its unit), got {self.strength}")
         object.__setattr__(self, "strength", 0.0 if self.method == "ablate" else float(self.strength))
         if self.index is not None:
             if isinstance(self.index, bool) or not isinstance(self.index, numbers.Integral) or self.index < 0:
@@ -209,10 +211,14 @@ class SteeringSpec:
 
     @classmethod
     def from_json(cls, text: str) -> "SteeringSpec":
+        if isinstance(text, str) and len(text) > MAX_SPEC_CHARS:
+            raise SteeringError(f"a steering spec is at most {MAX_SPEC_CHARS:,} characters, got {len(text):,}")
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
             raise SteeringError(f"malformed steering spec JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
+        except RecursionError:
+            raise SteeringError("malformed steering spec JSON: nested too deeply") from None
         except TypeError:
             raise SteeringError(f"a steering spec is JSON text, got {type(text).__name__}") from None
         return cls.from_dict(data)
