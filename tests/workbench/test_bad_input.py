@@ -297,3 +297,45 @@ def test_an_unreachable_hub_fails_fast_with_one_line(argv, phrase, offline, ws, 
     assert phrase in err and ("HF_HUB_OFFLINE is set" if offline == "HF_HUB_OFFLINE" else "127.0.0.1 is unreachable") in err
     assert time.monotonic() - start < 60  # model loading included; the retries alone took 27–38 s
     assert table_digest(ws) == before
+
+
+def test_disk_full_while_caching_keeps_whole_batches_and_resumes(tmp_path, capsys, monkeypatch):
+    import workbench.caching as caching
+
+    argv = ["cache", "--model", "tiny-llama", "--hook", HOOK, "--tokens", "2048", "--ctx", "32", "--batch", "16"]
+    assert main([*argv, "--db", str(tmp_path / "whole.duckdb")]) == 0
+    real_insert, calls = caching.insert_arrow, []
+
+    def fill_the_disk(con, table, rows):
+        calls.append(table)
+        if table == "activations" and calls.count("activations") == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_insert(con, table, rows)
+
+    monkeypatch.setattr(caching, "insert_arrow", fill_the_disk)
+    db = tmp_path / "ws.duckdb"
+    err = expect_one_line([*argv, "--db", str(db)], capsys, FAILURE)
+    assert err.startswith("workbench: error: disk full")
+    with Workspace(db, read_only=True) as w:  # two whole batches, the third rolled back
+        assert w.query("SELECT status, error FROM runs") == [("failed", "OSError: [Errno 28] No space left on device")]
+        assert w.query("SELECT count(*) FROM contexts") == w.query("SELECT count(*) FROM activations") == [(32,)]
+    monkeypatch.setattr(caching, "insert_arrow", real_insert)
+    assert main([*argv, "--db", str(db)]) == 0
+    with Workspace(db, read_only=True) as w, Workspace(tmp_path / "whole.duckdb", read_only=True) as whole:
+        assert w.query("SELECT status, error FROM runs") == [("done", None)]
+        for table in ("contexts", "tokens", "activations", "documents"):
+            assert w.query(f"SELECT * FROM {table} ORDER BY ALL") == whole.query(f"SELECT * FROM {table} ORDER BY ALL")
+
+
+def test_info_counts_what_sits_in_the_write_ahead_log(ws, capsys):
+    import duckdb
+
+    con = duckdb.connect(str(ws))  # a writer that stops before its checkpoint leaves its data in the WAL
+    con.execute("PRAGMA disable_checkpoint_on_shutdown")
+    con.execute("CREATE TABLE ballast AS SELECT repeat('x', 1000) || i AS s FROM range(20000) t(i)")
+    con.close()
+    wal = ws.with_name(ws.name + ".wal")
+    assert wal.stat().st_size > 2**20
+    assert main(["info", "--db", str(ws)]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.endswith(f"+ {wal.stat().st_size / 2**20:.1f} MiB in the write-ahead log")
