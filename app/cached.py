@@ -100,7 +100,7 @@ def sae_names(path: str) -> list[str]:
 
 @st.cache_data(show_spinner=False, max_entries=256)
 def _resolve(path: str, version: tuple, ref: str):
-    from workbench.analysis import resolve_sae
+    from workbench.workspace import resolve_sae
 
     with _open(path) as ws:
         return resolve_sae(ws, ref)
@@ -114,7 +114,8 @@ def resolve(path: str, ref: str):
 @st.cache_data(show_spinner=False, max_entries=512)
 def _feature(path: str, version: tuple, sae: str, feature: int) -> dict:
     from workbench import features as F
-    from workbench.analysis import N_BANDS, N_TOP, PER_BAND, resolve_sae
+    from workbench.analysis import N_BANDS, N_TOP, PER_BAND
+    from workbench.workspace import resolve_sae
 
     with _open(path) as ws:
         record = resolve_sae(ws, sae)
@@ -137,7 +138,7 @@ def feature(path: str, sae: str, feature_id: int) -> dict:
 
 @st.cache_data(show_spinner=False, max_entries=256)
 def _search(path: str, version: tuple, sae: str, pattern: str) -> list[dict]:
-    from workbench.analysis import resolve_sae
+    from workbench.workspace import resolve_sae
     from workbench.features import search_by_pattern
 
     with _open(path) as ws:
@@ -151,7 +152,7 @@ def search(path: str, sae: str, pattern: str) -> list[dict]:
 
 @st.cache_data(show_spinner=False, max_entries=32)
 def _densities(path: str, version: tuple) -> dict[str, list[float]]:
-    from workbench.analysis import resolve_sae
+    from workbench.workspace import resolve_sae
     from workbench.features import density_histogram
 
     with _open(path) as ws:
@@ -166,10 +167,8 @@ def densities(path: str) -> dict[str, list[float]]:
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def _model_name(path: str, version: tuple, run_id: int) -> str:
-    from workbench.workspace import fetch_one
-
     with _open(path) as ws:
-        return fetch_one(ws.con, "SELECT model FROM runs WHERE run_id = ?", [run_id])[0]
+        return ws.run_model(run_id)
 
 
 def model_name(path: str, run_id: int) -> str:

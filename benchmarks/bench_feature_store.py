@@ -33,8 +33,10 @@ def main() -> None:
 
     import saes
     from workbench import features
-    from workbench.analysis import analyze, resolve_sae
-    from workbench.cli import _model_for_run, _quiet_third_party, run_cache
+    from workbench.analysis import analyze
+    from workbench.workspace import resolve_sae
+    from workbench.caching import run_cache
+    from workbench.cli import _model_for_run, _quiet_third_party
     from workbench.training import train_sae
     from workbench.workspace import Workspace
 

@@ -29,7 +29,8 @@ def main() -> None:
     args = parser.parse_args()
 
     import saes
-    from workbench.cli import _model_for_run, _quiet_third_party, run_cache
+    from workbench.caching import run_cache
+    from workbench.cli import _model_for_run, _quiet_third_party
     from workbench.training import train_sae, trained_saes
     from workbench.workspace import Workspace
 

@@ -60,7 +60,7 @@ def open_workspace(db: Path, sae: str, tmp: Path):
 
 def build_workspace(db: Path, sae: str):
     import saes
-    from workbench.cli import run_cache
+    from workbench.caching import run_cache
     from workbench.training import train_sae
     from workbench.workspace import Workspace
 

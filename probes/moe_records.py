@@ -18,24 +18,13 @@ import math
 import numpy as np
 import pyarrow as pa
 
+from workbench.storage import insert_arrow
 from workbench.workspace import Workspace
 
 MOE_TABLES = ("moe_routes", "moe_k_curve", "moe_selectivity", "moe_comparison", "moe_experts", "moe_mass", "moe_groups",
               "moe_correlation", "moe_purge")
 RUN_COLUMNS = ("moe_run_id", "model", "architecture", "source", "layers", "n_experts", "k", "sae", "corpus", "domains",
                "eval_tokens", "balance", "config", "notices", "seconds", "created_at")
-
-
-def _insert(con, table: str, columns: dict) -> None:
-    """Append columns (name -> list/array, schema order) through Arrow: fast for thousands of rows."""
-    rows = pa.table(columns)
-    if rows.num_rows == 0:
-        return
-    con.register("_incoming", rows)
-    try:
-        con.execute(f"INSERT INTO {table} SELECT * FROM _incoming")
-    finally:
-        con.unregister("_incoming")
 
 
 def _nan_to_none(x):
@@ -76,13 +65,13 @@ def save_run(ws: Workspace, result, request) -> int:
                 experts.append([run_id, row["layer"], row["kind"], grouping, row["expert"], _nan_to_none(row["purity"]),
                                 row["specialist"], row["freq"]])
         n = len(mass["expert"])
-        _insert(con, "moe_mass", {"moe_run_id": pa.array([run_id] * n, pa.int32()),
+        insert_arrow(con, "moe_mass", {"moe_run_id": pa.array([run_id] * n, pa.int32()),
                                   "layer": pa.array(mass["layer"], pa.int32()), "kind": mass["kind"],
                                   "grouping": mass["grouping"], "grp": mass["grp"],
                                   "expert": pa.array(mass["expert"], pa.int32()), "mass": mass["mass"], "freq": mass["freq"]})
-        _insert(con, "moe_groups", {name: [r[i] for r in groups] for i, name in enumerate(
+        insert_arrow(con, "moe_groups", {name: [r[i] for r in groups] for i, name in enumerate(
             ("moe_run_id", "layer", "kind", "grouping", "grp", "tokens", "specialised_share", "n_specialised", "entropy"))})
-        _insert(con, "moe_experts", {name: [r[i] for r in experts] for i, name in enumerate(
+        insert_arrow(con, "moe_experts", {name: [r[i] for r in experts] for i, name in enumerate(
             ("moe_run_id", "layer", "kind", "grouping", "expert", "purity", "specialist", "freq"))})
         for row in result.comparison():
             con.execute("INSERT INTO moe_comparison VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -108,7 +97,7 @@ def save_run(ws: Workspace, result, request) -> int:
             corr["concept"] += [concept] * len(rho)
             corr["expert"] += list(range(len(rho)))
             corr["rho"] += [None if math.isnan(r) else float(r) for r in rho]
-        _insert(con, "moe_correlation", {"moe_run_id": pa.array([run_id] * len(corr["expert"]), pa.int32()),
+        insert_arrow(con, "moe_correlation", {"moe_run_id": pa.array([run_id] * len(corr["expert"]), pa.int32()),
                                          "kind": corr["kind"], "layer": pa.array(corr["layer"], pa.int32()),
                                          "concept": corr["concept"], "expert": pa.array(corr["expert"], pa.int32()),
                                          "rho": pa.array(corr["rho"], pa.float64())})
@@ -127,7 +116,7 @@ def save_run(ws: Workspace, result, request) -> int:
         for layer, indices, weights in result.routes:
             n = indices.shape[0]
             idx = np.arange(n)
-            _insert(con, "moe_routes", {
+            insert_arrow(con, "moe_routes", {
                 "moe_run_id": pa.array([run_id] * n, pa.int32()), "layer": pa.array([layer] * n, pa.int32()),
                 "row": pa.array(idx // ctx, pa.int32()), "position": pa.array(idx % ctx, pa.int16()),
                 "token_id": pa.array(flat_ids[:n], pa.int32()),

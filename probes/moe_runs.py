@@ -183,7 +183,7 @@ class Plan:
     ks: list[int]
     kinds: list[str]
     mask: list[str]
-    sae: object | None = None  # workbench.analysis.SAERecord
+    sae: object | None = None  # workbench.workspace.SAERecord
     sae_layer: int | None = None
     spec: RouterSpec | None = None
     sites: dict[int, MLPSite] = field(default_factory=dict)
@@ -665,7 +665,7 @@ def _reader(db: Path):
 
 def workspace_defaults(ws, sae_ref: str | None):
     """(SAE record or None, the model and corpus the workspace was cached with, or None)."""
-    from workbench.analysis import resolve_sae
+    from workbench.workspace import resolve_sae
     from workbench.workspace import fetch_one
 
     if ws is None:

@@ -50,10 +50,9 @@ from tqdm.auto import tqdm
 
 import saes
 from workbench.activations import HOLDOUT_EVERY, context_ids, read_contexts
-from workbench.analysis import SAERecord, resolve_sae
 from workbench.errors import WorkbenchError
 from workbench.hooks import attached, stop_layer, validate_hooks
-from workbench.workspace import Workspace, fetch_one
+from workbench.workspace import SAERecord, Workspace, fetch_one, resolve_sae
 
 DEFAULT_KS = (1, 2, 5)
 DEFAULT_MAX_PER_CLASS = 500

@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import torch
 
-from workbench.caching import STORAGE_DTYPES
 from workbench.safety import check_writable_dir, sql_string
+from workbench.storage import STORAGE_DTYPES
 from workbench.workspace import Workspace, WorkspaceError, fetch_one
 
 HOLDOUT_EVERY = 20

@@ -31,41 +31,15 @@ from tqdm.auto import tqdm
 
 import saes
 from workbench.activations import context_ids, read_contexts
-from workbench.caching import insert_arrow
 from workbench.errors import WorkbenchError
-from workbench.workspace import Workspace, fetch_one
+from workbench.storage import insert_arrow
+from workbench.workspace import SAERecord, Workspace, fetch_one, resolve_sae
 
 HIST_BINS, N_TOP, N_BANDS, PER_BAND, N_LOGITS, N_RELATED = 30, 20, 10, 5, 10, 5
 
 
 class AnalysisError(WorkbenchError):
     """An SAE or feature the workspace does not have."""
-
-
-@dataclass(frozen=True)
-class SAERecord:
-    sae_id: int
-    name: str
-    run_id: int
-    hook: str
-    arch: str
-    width: int
-    d_in: int
-    path: Path
-
-
-def resolve_sae(ws: Workspace, ref: str | int) -> SAERecord:
-    """An SAE of the workspace by name or id; the error lists the available ones."""
-    rows = ws.query(
-        "SELECT sae_id, name, run_id, hook, arch, width, d_in, path FROM saes WHERE status = 'done' AND (name = ? OR CAST(sae_id AS VARCHAR) = ?)",
-        [str(ref), str(ref)],
-    )
-    if not rows:
-        names = [f"{i}:{n}" for i, n in ws.query("SELECT sae_id, name FROM saes WHERE status = 'done' ORDER BY sae_id")]
-        listing = ", ".join(names) if names else "none: train one with `workbench train`"
-        raise AnalysisError(f"no SAE '{ref}' in {ws.path.name}; available: {listing}")
-    sae_id, name, run_id, hook, arch, width, d_in, path = rows[0]
-    return SAERecord(int(sae_id), name, int(run_id), hook, arch, int(width), int(d_in), Path(path))
 
 
 def decoder_directions(sae: torch.nn.Module) -> torch.Tensor:

@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -25,9 +26,9 @@ from data import Corpus, chunk_and_tokenize, token_strings
 from workbench.errors import WorkbenchError
 from workbench.hooks import attached, stop_layer, validate_hooks
 from workbench.models import LoadedModel, max_context
-from workbench.workspace import Workspace, fetch_one
+from workbench.storage import STORAGE_DTYPES, insert_arrow
+from workbench.workspace import Workspace, ensure_writable, fetch_one
 
-STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 CONTEXT_ID_SHIFT = 32
 MAX_CONTEXTS = 2**31 - 1  # a context's index is a 32-bit column (and the low half of its id)
 MAX_CTX = 2**15 - 1  # positions are 16-bit
@@ -295,15 +296,6 @@ class ActivationCacher:
         stored_docs.update(new_docs)
 
 
-def insert_arrow(con, table: str, rows: pa.Table) -> None:
-    """Append an Arrow table to a workspace table (columns in schema order)."""
-    con.register("_incoming", rows)
-    try:
-        con.execute(f"INSERT INTO {table} SELECT * FROM _incoming")
-    finally:
-        con.unregister("_incoming")
-
-
 def stored_bytes_per_token(ws: Workspace, run_id: int) -> float:
     """Activation bytes per cached token and hook (2 × d when stored at 2 bytes per dimension)."""
     row = fetch_one(ws.con, 
@@ -313,3 +305,21 @@ def stored_bytes_per_token(ws: Workspace, run_id: int) -> float:
     if not row[0] or not n_tokens:
         return 0.0
     return float(row[0]) / n_tokens / row[1]
+
+
+def run_cache(*, db: str | Path, model: str, hooks: Sequence[str], corpus: str, tokens: int, ctx: int,
+              batch: int = 16, seed: int = 0, dtype: str = "float16", device: str | None = None, progress: bool = True):
+    """Cache ``tokens`` tokens of ``corpus`` at ``hooks`` of ``model`` into workspace ``db`` (created if
+    missing; a rerun of the same request resumes). Everything is checked first, cheap checks
+    before the model loads, so bad input fails fast and writes nothing."""
+    from data import load_corpus
+    from workbench.models import load_model
+
+    request = CacheRequest(model=model, hooks=tuple(hooks), corpus=corpus, tokens=tokens, ctx_len=ctx,
+                           batch_size=batch, seed=seed, dtype=dtype)
+    ensure_writable(db)  # fail now, not after loading the model: missing folder, read-only, busy, not a workspace
+    loaded = load_model(model, device=device)
+    validate_request(loaded, request)
+    documents = load_corpus(corpus)
+    with Workspace(db) as ws:
+        return ActivationCacher(ws, loaded, documents, request).run(progress=progress)

@@ -1,7 +1,7 @@
 """Read-side API of the feature browser: everything a feature page or a search shows.
 
 All functions take an open (read-only is enough) ``Workspace`` and an ``SAERecord`` from
-``analysis.resolve_sae``; every query is parameterised and touches only precomputed tables or
+``workspace.resolve_sae``; every query is parameterised and touches only precomputed tables or
 a few contexts, so a feature page answers in milliseconds whatever the number of stored tokens.
 """
 
@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import duckdb
 import torch
 
-from workbench.analysis import HIST_BINS, AnalysisError, SAERecord
+from workbench.analysis import HIST_BINS, AnalysisError
+from workbench.workspace import SAERecord
 from workbench.workspace import Workspace, fetch_one
 
 
@@ -56,7 +57,7 @@ def feature_summary(ws: Workspace, sae: SAERecord, feature: int) -> dict:
 
 
 def _token_strings(ws: Workspace, sae: SAERecord, token_ids: list[int]) -> list[str]:
-    model = fetch_one(ws.con, "SELECT model FROM runs WHERE run_id = ?", [sae.run_id])[0]
+    model = ws.run_model(sae.run_id)
     rows = dict(ws.query(
         "SELECT token_id, token FROM vocab WHERE tokenizer = ? AND token_id IN (SELECT unnest(?::INTEGER[]))", [model, token_ids]
     ))

@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import re
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -597,6 +598,13 @@ class Workspace:
         keys = ("run", "kind", "model", "corpus", "ctx_len", "status", "contexts", "error")
         return [dict(zip(keys, row), corpus=row[3].split("#")[0], tokens=row[6] * row[4]) for row in rows]
 
+    def run_model(self, run_id: int) -> str:
+        """The model (alias, folder or hub id) that cached run ``run_id``."""
+        row = fetch_one(self.con, "SELECT model FROM runs WHERE run_id = ?", [run_id])
+        if row is None:
+            raise WorkspaceError(f"no run {run_id} in {self.path.name}")
+        return row[0]
+
     def cached_hooks(self) -> list[tuple[int, str, str, int, int]]:
         """(run_id, model, hook, d, contexts stored) for every hook with stored activations."""
         return self.query(
@@ -619,3 +627,31 @@ class Workspace:
             runs = ", ".join(str(r[0]) for r in rows)
             raise WorkspaceError(f"hook '{hook}' is cached by several runs ({runs}); choose one with --run")
         return rows[0][0]
+
+
+@dataclass(frozen=True)
+class SAERecord:
+    """A finished SAE (or codebook) of the workspace: its row in ``saes``."""
+
+    sae_id: int
+    name: str
+    run_id: int
+    hook: str
+    arch: str
+    width: int
+    d_in: int
+    path: Path
+
+
+def resolve_sae(ws: Workspace, ref: str | int) -> SAERecord:
+    """An SAE of the workspace by name or id; the error lists the available ones."""
+    rows = ws.query(
+        "SELECT sae_id, name, run_id, hook, arch, width, d_in, path FROM saes WHERE status = 'done' AND (name = ? OR CAST(sae_id AS VARCHAR) = ?)",
+        [str(ref), str(ref)],
+    )
+    if not rows:
+        names = [f"{i}:{n}" for i, n in ws.query("SELECT sae_id, name FROM saes WHERE status = 'done' ORDER BY sae_id")]
+        listing = ", ".join(names) if names else "none: train one with `workbench train`"
+        raise WorkspaceError(f"no SAE '{ref}' in {ws.path.name}; available: {listing}")
+    sae_id, name, run_id, hook, arch, width, d_in, path = rows[0]
+    return SAERecord(int(sae_id), name, int(run_id), hook, arch, int(width), int(d_in), Path(path))

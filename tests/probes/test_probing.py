@@ -26,7 +26,7 @@ from probes.probing import (
     text_features,
 )
 from workbench.activations import HOLDOUT_EVERY, read_contexts
-from workbench.analysis import resolve_sae
+from workbench.workspace import resolve_sae
 from workbench.caching import ActivationCacher, CacheRequest
 from workbench.cli import main
 from workbench.errors import WorkbenchError

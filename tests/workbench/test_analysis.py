@@ -9,7 +9,8 @@ import saes
 from workbench import analysis, features
 from workbench.activations import context_ids, read_contexts
 from workbench.cli import main
-from workbench.workspace import Workspace
+from workbench.errors import WorkbenchError
+from workbench.workspace import Workspace, resolve_sae
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -28,7 +29,7 @@ def analysed(tmp_path_factory):
 def dense(analysed):
     """Naive reference: every cached token (BOS left out) encoded at once: [contexts, L-1, width]."""
     with Workspace(analysed, read_only=True) as ws:
-        record = analysis.resolve_sae(ws, "tiny")
+        record = resolve_sae(ws, "tiny")
         acts = read_contexts(ws, HOOK, context_ids(ws, HOOK))[:, 1:]
     sae = saes.load_sae(record.path)
     with torch.no_grad():
@@ -52,7 +53,7 @@ def test_statistics_and_examples_match_the_dense_reference(analysed, dense):
     _, z = dense
     flat = z.reshape(-1, z.shape[-1])
     with Workspace(analysed, read_only=True) as ws:
-        record = analysis.resolve_sae(ws, "tiny")
+        record = resolve_sae(ws, "tiny")
         feature = int((flat > 0).sum(0).argmax())
         summary = features.feature_summary(ws, record, feature)
         top = features.examples(ws, record, feature, band=-1, limit=20)
@@ -77,7 +78,7 @@ def test_logit_effects_and_related_features(analysed, dense, tiny):
     effects = (directions * hf.model.norm.weight.detach()) @ hf.get_output_embeddings().weight.detach().T
     feature = 7
     with Workspace(analysed, read_only=True) as ws:
-        record = analysis.resolve_sae(ws, "tiny")
+        record = resolve_sae(ws, "tiny")
         logits = ws.query("SELECT token_id, effect FROM feature_logits WHERE feature = ? AND rank > 0 ORDER BY rank", [feature])
         related = features.related_features(ws, record, feature)
     assert [t for t, _ in logits] == effects[feature].topk(10).indices.tolist()
@@ -93,7 +94,7 @@ def test_logit_effects_and_related_features(analysed, dense, tiny):
 def test_search_by_pattern_scores_precision_and_recall(analysed, dense):
     _, z = dense
     with Workspace(analysed, read_only=True) as ws:
-        record = analysis.resolve_sae(ws, "tiny")
+        record = resolve_sae(ws, "tiny")
         ids = context_ids(ws, HOOK)
         tokens = ws.query(
             """SELECT v.token FROM tokens t JOIN vocab v ON v.token_id = t.token_id
@@ -138,9 +139,34 @@ def test_analysis_resumes_after_a_crash(analysed, monkeypatch, tmp_path):
         assert resumed == ws.query("SELECT * FROM feature_acts ORDER BY context_id, position, feature")
 
 
-def test_search_accepts_re2_classes(analysed):
+def test_search_accepts_re2_classes(analysed, dense):
+    """RE2's ``\\p{Lu}`` (Python's re has no \\p classes) matches tokens starting with an upper-case letter:
+    the ranking equals a naive one over tokens whose first character is in Unicode category Lu."""
+    import unicodedata
+
+    _, z = dense
     with Workspace(analysed, read_only=True) as ws:
-        assert isinstance(features.search_by_pattern(ws, analysis.resolve_sae(ws, "tiny"), r"^\p{Lu}"), list)
+        record = resolve_sae(ws, "tiny")
+        tokens = ws.query(
+            """SELECT v.token FROM tokens t JOIN vocab v ON v.token_id = t.token_id
+               WHERE t.context_id IN (SELECT unnest(?::BIGINT[])) AND t.position > 0 ORDER BY t.context_id, t.position""",
+            [context_ids(ws, HOOK)],
+        )
+        results = features.search_by_pattern(ws, record, r"^\p{Lu}", limit=10_000)
+        first = features.search_by_pattern(ws, record, r"^\p{Lu}")
+    matches = torch.tensor([t[:1] != "" and unicodedata.category(t[0]) == "Lu" for (t,) in tokens])
+    fires = z.reshape(-1, z.shape[-1]) > 0
+    assert 0 < int(matches.sum()) < len(tokens)  # the class matched some tokens, not none and not all
+    hits, n_fired = (fires & matches[:, None]).sum(0), fires.sum(0)
+    expected = []
+    for f in torch.nonzero(hits).flatten().tolist():
+        precision, recall = int(hits[f]) / int(n_fired[f]), int(hits[f]) / int(matches.sum())
+        expected.append({"feature": f, "precision": precision, "recall": recall,
+                         "f1": 2 * precision * recall / (precision + recall), "n_fired": int(n_fired[f])})
+    expected.sort(key=lambda r: (-r["f1"], r["feature"]))
+    assert expected and [r["feature"] for r in results] == [r["feature"] for r in expected]
+    assert results == [pytest.approx(r) for r in expected]
+    assert first == results[:20]  # the default limit
 
 
 def test_prompt_inspector_truncates_long_prompts(analysed, dense, tiny):
@@ -156,13 +182,13 @@ def test_prompt_inspector_truncates_long_prompts(analysed, dense, tiny):
         (lambda ws, r: features.search_by_pattern(ws, r, "(["), "invalid regular expression"),
         (lambda ws, r: features.search_by_pattern(ws, r, "(?=a)b"), "invalid regular expression"),  # RE2: no lookahead
         (lambda ws, r: features.search_by_pattern(ws, r, r"(a)\1"), "invalid regular expression"),  # nor backreferences
-        (lambda ws, r: analysis.resolve_sae(ws, "nope"), "available: 1:tiny"),
+        (lambda ws, r: resolve_sae(ws, "nope"), "available: 1:tiny"),
     ],
 )
 def test_bad_queries_are_one_line_errors(analysed, call, expected):
     with Workspace(analysed, read_only=True) as ws:
-        record = analysis.resolve_sae(ws, "tiny")
-        with pytest.raises(analysis.AnalysisError) as err:
+        record = resolve_sae(ws, "tiny")
+        with pytest.raises(WorkbenchError) as err:
             call(ws, record)
     assert expected in str(err.value) and "\n" not in str(err.value)
 
@@ -177,7 +203,7 @@ def test_codebook_codes_get_the_same_treatment(analysed):
                  "--tokens", "8192", "--batch-size", "512", "--no-downstream", "--name", "codes"]) == 0
     assert main(["analyze", "--db", str(analysed), "--sae", "codes"]) == 0
     with Workspace(analysed, read_only=True) as ws:
-        record = analysis.resolve_sae(ws, "codes")
+        record = resolve_sae(ws, "codes")
         (n_tokens,) = ws.query("SELECT n_tokens FROM analyses WHERE sae_id = ?", [record.sae_id])[0]
         (nonzeros,) = ws.query("SELECT count(*) FROM feature_acts WHERE sae_id = ?", [record.sae_id])[0]
         used = [f for (f,) in ws.query("SELECT feature FROM feature_stats WHERE sae_id = ? AND n_fired > 0", [record.sae_id])]

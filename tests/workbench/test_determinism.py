@@ -20,7 +20,7 @@ from workbench import analysis
 from workbench.activations import context_ids, read_contexts
 from workbench.cli import main
 from workbench.training import register_saved
-from workbench.workspace import Workspace
+from workbench.workspace import Workspace, resolve_sae
 
 HOOK = "blocks.1.hook_resid_post"
 WIDTH, K = 64, 28
@@ -124,7 +124,7 @@ def test_band_examples_follow_hash_then_context_then_position(runs):
 
 def test_related_features_break_equal_cosines_by_id(runs):
     with Workspace(runs[0], read_only=True) as ws:
-        record = analysis.resolve_sae(ws, "tied")
+        record = resolve_sae(ws, "tied")
         stored = ws.query("SELECT feature, other, cosine FROM feature_related ORDER BY feature, cosine DESC, other")
     directions = analysis.decoder_directions(saes.load_sae(record.path))
     cosine = directions @ directions.T
@@ -138,7 +138,7 @@ def test_related_features_break_equal_cosines_by_id(runs):
 
 def test_logit_ranks_are_total(runs, tiny):
     with Workspace(runs[0], read_only=True) as ws:
-        record = analysis.resolve_sae(ws, "tied")
+        record = resolve_sae(ws, "tied")
         stored = ws.query("SELECT feature, rank, token_id, effect FROM feature_logits ORDER BY feature, abs(rank), rank")
     effects = analysis.logit_effects(analysis.decoder_directions(saes.load_sae(record.path)), tiny.model).cpu()
     for f in (0, 8, 30):

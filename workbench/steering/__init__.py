@@ -1,4 +1,4 @@
-"""Steering: interventions on hook activations, scoped by one context manager (ALGORITHMS.md §7, §2).
+"""Steering: interventions on hook activations, scoped by one context manager (docs/algorithms.md §7, §2).
 
     with steer(model, spec):            # hooks installed for the block, always removed
         model.generate(...)             # every position steered, KV-cache positions included
@@ -14,14 +14,12 @@ Modules, one job each:
     hooks.py        the hook function of each method; resolve_spec; steer()
     generation.py   baseline vs steered continuations with the same seed
     measurement.py  measure / sweep: feature activation, Δ log P of top tokens, KL and JS on neutral text
-    cli.py          ``workbench steer``
 """
 
-from .cli import format_report, neutral_from_workspace, run_steer_command, spec_from_args
 from .generation import Generation, generate, generate_tokens
 from .hooks import Resolved, check_spec, code_weight, resolve_spec, steer
 from .measurement import (MEASURE_TOKENS, NEUTRAL_TEXTS, TOP_TOKENS, SweepRow, js_divergence, kl_divergence, logit_effect,
-                          measure, sweep, top_tokens)
+                          measure, neutral_from_workspace, sweep, top_tokens)
 from .scales import SCALE_TOKENS, FeatureScales, analysed_sae_id, feature_scale_stats, feature_scales
 from .sources import SAERef, decoder_vectors, encoder, is_codebook, load_steering_sae
 from .spec import (CODE_MODES, DEFAULT_CODE_MODE, METHODS, SPEC_VERSION, UNITS, Intervention, SteeringError, SteeringSpec,
@@ -32,6 +30,6 @@ __all__ = [
     "default_unit", "parse_indices", "parse_strengths", "SAERef", "decoder_vectors", "encoder", "is_codebook", "load_steering_sae", "SCALE_TOKENS",
     "FeatureScales", "analysed_sae_id", "feature_scale_stats", "feature_scales", "Resolved", "check_spec", "code_weight",
     "resolve_spec", "steer", "Generation", "generate", "generate_tokens", "MEASURE_TOKENS", "NEUTRAL_TEXTS", "TOP_TOKENS",
-    "SweepRow", "js_divergence", "kl_divergence", "logit_effect", "measure", "sweep", "top_tokens", "format_report",
-    "neutral_from_workspace", "run_steer_command", "spec_from_args",
+    "SweepRow", "js_divergence", "kl_divergence", "logit_effect", "measure", "sweep", "top_tokens",
+    "neutral_from_workspace",
 ]

@@ -1,4 +1,4 @@
-"""Measure a spec's effect instead of eyeballing generations (ALGORITHMS.md §7, issue 5).
+"""Measure a spec's effect instead of eyeballing generations (docs/algorithms.md §7).
 
 Teacher-forced, one text per forward, p = the baseline and q = the steered next-token distribution:
 
@@ -179,3 +179,12 @@ def sweep(model, spec: SteeringSpec | Callable[[float], SteeringSpec], strengths
     baseline: dict = {}  # unsteered forwards are shared by every strength
     return [SweepRow(float(s), measure(model, factory(s), prompts, neutral_texts, ws=ws, baseline_cache=baseline, **kwargs))
             for s in strengths]
+
+
+def neutral_from_workspace(ws, hook: str, n: int = 4, max_tokens: int = MEASURE_TOKENS) -> list[Tensor]:
+    """Token ids of up to ``n`` held-out contexts cached at ``hook`` (real corpus text)."""
+    from workbench.training import held_out_tokens
+
+    run_id = ws.resolve_hook_run(hook)
+    tokens = held_out_tokens(ws, hook, run_id, limit=n)  # (n, L)
+    return [row[:max_tokens] for row in tokens]

@@ -58,6 +58,8 @@ def cmd_hooks(args: argparse.Namespace) -> None:
 
 
 def cmd_cache(args: argparse.Namespace) -> None:
+    from workbench.caching import run_cache
+
     summary = run_cache(
         db=args.db, model=args.model, hooks=args.hook, corpus=args.corpus, tokens=args.tokens,
         ctx=args.ctx, batch=args.batch, seed=args.seed, dtype=args.dtype, device=args.device,
@@ -67,24 +69,6 @@ def cmd_cache(args: argparse.Namespace) -> None:
         f"{', '.join(summary.hooks)} ({summary.bytes_per_token:.0f} bytes per token and hook); "
         f"{'resumed after ' + str(summary.resumed_from) + ' contexts' if summary.resumed_from else 'fresh run'}"
     )
-
-
-def run_cache(*, db: Path, model: str, hooks: Sequence[str], corpus: str, tokens: int, ctx: int,
-              batch: int = 16, seed: int = 0, dtype: str = "float16", device: str | None = None, progress: bool = True):
-    """Check everything, then cache. Cheap checks come first so bad input fails fast."""
-    from data import load_corpus
-    from workbench.caching import ActivationCacher, CacheRequest, validate_request
-    from workbench.models import load_model
-    from workbench.workspace import Workspace, ensure_writable
-
-    request = CacheRequest(model=model, hooks=tuple(hooks), corpus=corpus, tokens=tokens, ctx_len=ctx,
-                           batch_size=batch, seed=seed, dtype=dtype)
-    ensure_writable(db)  # fail now, not after loading the model: missing folder, read-only, busy, not a workspace
-    loaded = load_model(model, device=device)
-    validate_request(loaded, request)
-    documents = load_corpus(corpus)
-    with Workspace(db) as ws:
-        return ActivationCacher(ws, loaded, documents, request).run(progress=progress)
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -136,10 +120,9 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def _model_for_run(ws, hook: str, run_id: int | None, device: str | None):
     from workbench.models import load_model
-    from workbench.workspace import fetch_one
 
     run_id = ws.resolve_hook_run(hook, run_id)
-    return load_model(fetch_one(ws.con, "SELECT model FROM runs WHERE run_id = ?", [run_id])[0], device=device)
+    return load_model(ws.run_model(run_id), device=device)
 
 
 def _print_metrics(trained) -> None:
@@ -181,8 +164,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:
-    from workbench.analysis import analyze, resolve_sae
-    from workbench.workspace import Workspace
+    from workbench.analysis import analyze
+    from workbench.workspace import Workspace, resolve_sae
 
     with Workspace(args.db, create=False) as ws:
         record = resolve_sae(ws, args.sae)
@@ -282,7 +265,7 @@ def cmd_app(args: argparse.Namespace) -> None:
 
 
 def cmd_steer(args: argparse.Namespace) -> None:
-    from workbench.steering import run_steer_command
+    from workbench.cli.steer import run_steer_command
 
     run_steer_command(args)
 
@@ -313,6 +296,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
           f"{DEMO['hook']}, a TopK SAE ({DEMO_SAE['width']} latents, k={DEMO_SAE['k']}); finished steps are reused",
           file=sys.stderr)
     if not _demo_cached(db):
+        from workbench.caching import run_cache
+
         run_cache(db=db, model=DEMO["model"], hooks=[DEMO["hook"]], corpus=DEMO["corpus"], tokens=DEMO["tokens"],
                   ctx=DEMO["ctx"], device=args.device)
     with Workspace(db) as ws:
@@ -487,7 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_sparsity_show)
     p.add_argument("--db", type=Path, required=True)
 
-    from workbench.cli_probes import register as register_probes
+    from workbench.cli.probes import register as register_probes
 
     register_probes(sub)  # workbench moe ..., workbench probe
 

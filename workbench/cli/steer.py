@@ -8,23 +8,9 @@
 
 from __future__ import annotations
 
-from torch import Tensor
-
 from workbench.errors import WorkbenchError
-
-from .generation import Generation, generate
-from .hooks import check_spec
-from .measurement import MEASURE_TOKENS, measure
-from .spec import SteeringError, SteeringSpec
-
-
-def neutral_from_workspace(ws, hook: str, n: int = 4, max_tokens: int = MEASURE_TOKENS) -> list[Tensor]:
-    """Token ids of up to ``n`` held-out contexts cached at ``hook`` (real corpus text)."""
-    from workbench.training import held_out_tokens
-
-    run_id = ws.resolve_hook_run(hook)
-    tokens = held_out_tokens(ws, hook, run_id, limit=n)  # (n, L)
-    return [row[:max_tokens] for row in tokens]
+from workbench.steering import (Generation, SteeringError, SteeringSpec, check_spec, generate, measure,
+                                neutral_from_workspace)
 
 
 def spec_from_args(args) -> SteeringSpec:

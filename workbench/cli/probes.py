@@ -94,7 +94,7 @@ def cmd_moe_show(args: argparse.Namespace) -> None:
 def cmd_probe(args: argparse.Namespace) -> None:
     from probes import moe_records
     from probes.probing import DEFAULT_KS, format_table, probe_texts, sparse_probing
-    from workbench.workspace import Workspace, ensure_writable, fetch_one
+    from workbench.workspace import Workspace, ensure_writable, resolve_sae
 
     from data.labelled import load_labelled
 
@@ -109,12 +109,10 @@ def cmd_probe(args: argparse.Namespace) -> None:
             result = sparse_probing(ws, args.sae, **common)
             dataset = "domains"
         else:
-            from workbench.analysis import resolve_sae
             from workbench.models import load_model
 
-            record = resolve_sae(ws, args.sae)
-            model = fetch_one(ws.con, "SELECT model FROM runs WHERE run_id = ?", [record.run_id])[0]
-            result = probe_texts(ws, args.sae, texts.texts, texts.labels, load_model(model, device=args.device), **common)
+            model = load_model(ws.run_model(resolve_sae(ws, args.sae).run_id), device=args.device)
+            result = probe_texts(ws, args.sae, texts.texts, texts.labels, model, **common)
             dataset = texts.source
         probe_id = moe_records.save_probing(ws, result, dataset)
     print(format_table(result))
