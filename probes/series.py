@@ -1,5 +1,5 @@
 """The offline sparsity-law experiment: train small ReLU and SiLU models, measure every
-checkpoint, fit the laws (Luo et al. 2024, "Sparsing Law", §4 of ALGORITHMS.md).
+checkpoint, fit the laws (Luo et al. 2024, "Sparsing Law"; docs/algorithms.md §4).
 
     corpus ─▶ BPE tokenizer + rows (probes.tiny_lm) ─▶ for each series (activation × shape):
         train with log-spaced checkpoints ─▶ each checkpoint: activation ratio at PPL-p% (CETT)

@@ -1,6 +1,6 @@
 """Small Llama-style language models trained offline on this CPU, for activation sparsity laws.
 
-ALGORITHMS.md §4 (Luo et al. 2024, "Sparsing Law") measures how the activation ratio of a
+The sparsing law (Luo et al. 2024; docs/algorithms.md §4) measures how the activation ratio of a
 model's MLP changes with the number of training tokens D, for ReLU and SiLU models and for
 several width/depth ratios. Offline, the workbench trains such a series itself:
 
@@ -11,7 +11,7 @@ several width/depth ratios. Offline, the workbench trains such a series itself:
                               out_dir/manifest.json  milestones, tokens, train and held-out loss
                               out_dir/heldout.safetensors  the held-out rows (for perplexity)
 
-The model is ``transformers.LlamaForCausalLM`` unchanged (rule 8: wrap, don't reimplement). Its
+The model is ``transformers.LlamaForCausalLM`` unchanged (wrapped, not reimplemented). Its
 MLP is Llama's gated FFN, ``down(act(gate(x)) * up(x))``: activation ``relu`` makes it ReGLU
 and ``silu`` makes it SwiGLU, the gated-FFN setting of the paper. With ReLU, ``act(gate(x))``
 and the product with ``up(x)`` hold exact zeros; with SiLU they do not.

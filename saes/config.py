@@ -1,6 +1,6 @@
 """Configuration dataclasses: `SAEConfig` (the dictionary) nested in the trainer's `TrainConfig`.
 
-Every "(choice)" from docs ALGORITHMS.md §1-2 is a field here with its default, so the saved
+Every "(choice)" from docs/algorithms.md §1-2 is a field here with its default, so the saved
 `cfg.json` records it. Validation lives in `__post_init__`; derived values are properties, and
 nothing here is mutated after construction (the trainer never writes to a config).
 """

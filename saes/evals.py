@@ -1,4 +1,4 @@
-"""SAEBench-style "core" metrics (docs ALGORITHMS.md §3), streamed over batches.
+"""SAEBench-style "core" metrics (docs/algorithms.md §3), streamed over batches.
 
     L0        = mean number of nonzero latents per token (inference form)
     FVU       = Σ||x - x̂||² / Σ||x - x̄||²   (x̄ = mean over all evaluated tokens),  EV = 1 - FVU

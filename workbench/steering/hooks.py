@@ -17,7 +17,7 @@ each newly generated token, which arrives as a 1-position forward):
                               other code is active
             x ← x̂(z') + (x − x̂(z))
 
-(choices) Every position is steered, BOS included, as ALGORITHMS.md §7 says. The error term is always
+(choices) Every position is steered, BOS included, as docs/algorithms.md §7 says. The error term is always
 added back, so ``clamp``/``ablate``/``code`` change x only along dictionary directions.
 
 Hooks never synchronise with the host: no ``.item()``, no branching on tensor values (only on
