@@ -42,9 +42,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
 
-    from workbench.cli import _quiet_third_party
+    from workbench.cli import quiet_third_party
 
-    _quiet_third_party()
+    quiet_third_party()
     from data import chunk_and_tokenize, load_corpus
     from workbench.caching import ActivationCacher, CacheRequest, _Capture
     from workbench.hooks import attached, layer_of, stop_layer

@@ -36,11 +36,12 @@ def main() -> None:
     from workbench.analysis import analyze
     from workbench.workspace import resolve_sae
     from workbench.caching import run_cache
-    from workbench.cli import _model_for_run, _quiet_third_party
+    from workbench.cli import quiet_third_party
+    from workbench.cli.core import model_for_run
     from workbench.training import train_sae
     from workbench.workspace import Workspace
 
-    _quiet_third_party()
+    quiet_third_party()
     args.db.parent.mkdir(parents=True, exist_ok=True)
     run_cache(db=args.db, model=args.model, hooks=[args.hook], corpus="stdlib", tokens=args.tokens, ctx=128, batch=32)
     name = f"store-topk-w{args.width}-k{args.k}"
@@ -48,7 +49,7 @@ def main() -> None:
         if not ws.query("SELECT count(*) FROM saes WHERE name = ? AND status = 'done'", [name])[0][0]:
             train_sae(ws, args.hook, dict(arch="topk", width=args.width, k=args.k),
                       saes.TrainConfig(total_tokens=2_000_000, batch_size=4096, bf16_autocast=True), name=name)
-        model = _model_for_run(ws, args.hook, None, "cpu")
+        model = model_for_run(ws, args.hook, None, "cpu")
         ws.con.execute("DELETE FROM analyses WHERE sae_id = (SELECT sae_id FROM saes WHERE name = ?)", [name])
         start = time.perf_counter()
         summary = analyze(ws, name, model=model)

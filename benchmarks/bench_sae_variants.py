@@ -30,15 +30,16 @@ def main() -> None:
 
     import saes
     from workbench.caching import run_cache
-    from workbench.cli import _model_for_run, _quiet_third_party
+    from workbench.cli import quiet_third_party
+    from workbench.cli.core import model_for_run
     from workbench.training import train_sae, trained_saes
     from workbench.workspace import Workspace
 
-    _quiet_third_party()
+    quiet_third_party()
     args.db.parent.mkdir(parents=True, exist_ok=True)
     run_cache(db=args.db, model=MODEL, hooks=[HOOK], corpus="stdlib", tokens=args.cache_tokens, ctx=128)
     with Workspace(args.db) as ws:
-        model = _model_for_run(ws, HOOK, None, "cpu")
+        model = model_for_run(ws, HOOK, None, "cpu")
         done = {row["name"] for row in trained_saes(ws) if row["status"] == "done"}
         for k in args.ks:
             for arch in args.archs:

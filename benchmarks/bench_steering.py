@@ -140,13 +140,13 @@ def main() -> None:
     parser.add_argument("--rank", choices=["z", "raw"], default="z", help="feature choice: z-score or raw top logit effect")
     args = parser.parse_args()
 
-    from workbench.cli import _quiet_third_party
+    from workbench.cli import quiet_third_party
     from workbench.hooks import attached
     from workbench.models import load_model
     from workbench.steering import (Intervention, SteeringSpec, feature_scale_stats, generate, load_steering_sae,
                                     neutral_from_workspace, resolve_spec, sweep)
 
-    _quiet_third_party()
+    quiet_third_party()
     torch.set_grad_enabled(False)
     if args.threads:
         torch.set_num_threads(args.threads)

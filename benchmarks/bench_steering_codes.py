@@ -142,11 +142,11 @@ def main() -> None:
 
     from saes.evals import reconstruction_metrics
     from workbench.activations import iter_activations
-    from workbench.cli import _quiet_third_party
+    from workbench.cli import quiet_third_party
     from workbench.models import load_model
     from workbench.steering import CODE_MODES, SteeringSpec, generate, js_divergence, measure, neutral_from_workspace
 
-    _quiet_third_party()
+    quiet_third_party()
     torch.set_grad_enabled(False)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -135,18 +135,23 @@ class TrainConfig:
     decay_fraction: float = 0.2
     """Linear LR decay to 0 over this final fraction of steps."""
     adam_betas: tuple[float, float] = (0.9, 0.999)
+    """Adam's decay rates of the first and second moment estimates."""
     adam_eps: float = 6.25e-10
+    """Adam's epsilon (small, as in Gao et al., since SAE gradients are tiny)."""
     auxk_coef: float = 1 / 32
     """Coefficient of the AuxK / aux_zipf loss."""
     dead_tokens: int | None = None
     """A latent is dead after not firing for this many tokens; None -> min(10M, total_tokens // 10) (recorded in the run)."""
     seed: int = 0
+    """Seed of the initialisation and of the order in which batches are read."""
     bf16_autocast: bool = False
     """Run the dense encoder matmul in bfloat16 (AMX on CPU, tensor cores on GPU); losses and decode stay fp32."""
     log_every: int = 50
-    checkpoint_every: int = 0
-    """Save a resumable checkpoint every N steps (0: only at the end when checkpoint_dir is given)."""
+    """Steps between two log lines (averages of the steps since the last line)."""
+    checkpoint_every: int = 200
+    """Save a resumable checkpoint every N steps when checkpoint_dir is given (0: only at the end)."""
     progress_bar: bool = True
+    """Draw a tqdm bar on stderr."""
     b_dec_init_tokens: int = 4096
     """Tokens (from the first batches) used to estimate the input scale and b_dec."""
 

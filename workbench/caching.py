@@ -15,7 +15,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -42,14 +42,22 @@ class CacheError(WorkbenchError):
 class CacheRequest:
     """What to cache; identical requests resume the same run."""
 
-    model: str
     hooks: tuple[str, ...]
-    corpus: str
-    tokens: int  # cached tokens wanted; rounded up to whole contexts
-    ctx_len: int
-    batch_size: int = 16  # contexts per forward pass (and per committed transaction)
-    seed: int = 0  # document shuffle seed
-    dtype: str = "float16"  # storage dtype, 2 bytes per dimension
+    """Hook names (see `workbench hooks`); one forward pass serves them all."""
+    tokens: int
+    """Tokens to cache, rounded up to whole contexts (a larger number later extends the run)."""
+    model: str = "smollm2-135m"
+    """Model: an alias (smollm2-135m, tiny-llama), a local Hugging Face folder or a hub id."""
+    corpus: str = "stdlib"
+    """Corpus spec: stdlib, a .txt/.jsonl/.parquet file, a folder of .txt files, or hf:NAME[:CONFIG][:SPLIT]."""
+    ctx_len: int = 128
+    """Context length in tokens, BOS included."""
+    batch_size: int = 16
+    """Contexts per forward pass and per committed transaction."""
+    seed: int = 0
+    """Seed of the document order (recorded in the run)."""
+    dtype: Literal["float16", "bfloat16"] = "float16"
+    """Storage dtype, 2 bytes per dimension (float16 is refused where an activation would overflow it)."""
 
     def __post_init__(self) -> None:
         if self.tokens <= 0:
@@ -307,19 +315,24 @@ def stored_bytes_per_token(ws: Workspace, run_id: int) -> float:
     return float(row[0]) / n_tokens / row[1]
 
 
-def run_cache(*, db: str | Path, model: str, hooks: Sequence[str], corpus: str, tokens: int, ctx: int,
+def run_cache(*, db: str | Path, model: str, hooks: Sequence[str], corpus: str, tokens: int, ctx: int = 128,
               batch: int = 16, seed: int = 0, dtype: str = "float16", device: str | None = None, progress: bool = True):
     """Cache ``tokens`` tokens of ``corpus`` at ``hooks`` of ``model`` into workspace ``db`` (created if
-    missing; a rerun of the same request resumes). Everything is checked first, cheap checks
-    before the model loads, so bad input fails fast and writes nothing."""
+    missing; a rerun of the same request resumes). See ``cache``."""
+    request = CacheRequest(model=model, hooks=tuple(hooks), corpus=corpus, tokens=tokens, ctx_len=ctx,
+                           batch_size=batch, seed=seed, dtype=dtype)
+    return cache(db, request, device=device, progress=progress)
+
+
+def cache(db: str | Path, request: CacheRequest, *, device: str | None = None, progress: bool = True) -> CacheSummary:
+    """Run ``request`` into workspace ``db``. Everything is checked first, cheap checks before the
+    model loads, so bad input fails fast and writes nothing."""
     from data import load_corpus
     from workbench.models import load_model
 
-    request = CacheRequest(model=model, hooks=tuple(hooks), corpus=corpus, tokens=tokens, ctx_len=ctx,
-                           batch_size=batch, seed=seed, dtype=dtype)
-    ensure_writable(db)  # fail now, not after loading the model: missing folder, read-only, busy, not a workspace
-    loaded = load_model(model, device=device)
+    ensure_writable(db)  # missing folder, read-only, busy, not a workspace: before the model loads
+    loaded = load_model(request.model, device=device)
     validate_request(loaded, request)
-    documents = load_corpus(corpus)
+    documents = load_corpus(request.corpus)
     with Workspace(db) as ws:
         return ActivationCacher(ws, loaded, documents, request).run(progress=progress)

@@ -66,7 +66,7 @@ def test_hooks_command_lists_shapes(capsys):
         (("--tokens", "-5"), "--tokens must be a positive"),
         (("--ctx", "1000"), "exceeds the model's context length 512"),
         (("--ctx", "100000"), "--ctx must be between 2"),
-        (("--dtype", "float32"), "--dtype must be one of float16, bfloat16"),
+        (("--dtype", "float32"), "argument --dtype: invalid choice: 'float32' (choose from 'float16', 'bfloat16')"),
     ],
 )
 def test_bad_cache_arguments_leave_the_workspace_intact(existing, capsys, change, expected):

@@ -1,4 +1,4 @@
-"""Steering (ALGORITHMS.md §7) on the tiny model: spec, hooks, clamp/ablate/code, KV-cache generation,
+"""Steering (docs/algorithms.md §7) on the tiny model: spec, hooks, clamp/ablate/code, KV-cache generation,
 measurement, feature units and the `workbench steer` command."""
 
 import json
@@ -413,7 +413,7 @@ def test_cli_steer_prints_both_generations_and_the_effect(ws_db, capsys):
         (["--feature", "1", "--strength", "inf"], "strength must be a finite number within ±10000"),
         (["--spec", "BAD_METHOD"], "unknown steering method 'boost'"),
         (["--spec", "MALFORMED"], "malformed steering spec JSON"),
-        (["--feature", "1", "--method", "steer"], "unknown steering method 'steer'"),
+        (["--feature", "1", "--method", "steer"], "argument --method: invalid choice: 'steer'"),
         (["--feature", "1", "--sae", "nope"], "SAE 'nope' is neither a trained SAE"),
     ],
 )

@@ -8,19 +8,39 @@
 
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
+
+from workbench.cli.options import add_db, add_device, add_fields, config_from, integer, number
 from workbench.errors import WorkbenchError
-from workbench.steering import (Generation, SteeringError, SteeringSpec, check_spec, generate, measure,
-                                neutral_from_workspace)
+from workbench.steering import (CODE_MODES, METHODS, UNITS, Generation, Intervention, SteeringError, SteeringSpec,
+                                check_spec, generate, measure, neutral_from_workspace)
+
+EXAMPLE = 'workbench steer --db workspaces/default.duckdb --sae demo-topk --feature 464 --strength 4 --prompt "The"'
+INTERVENTION_FLAGS = {"source": "--sae", "index": "--feature"}
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.set_defaults(handler=run_steer_command)
+    add_db(p, required=False, help="workspace: SAE names, feature units, neutral text and the model")
+    add_fields(p, Intervention, skip=("vector",), rename=INTERVENTION_FLAGS,
+               choices={"method": METHODS, "unit": UNITS, "code_mode": CODE_MODES})
+    p.add_argument("--spec", type=Path, default=None, help="steering spec JSON file (replaces the intervention flags)")
+    p.add_argument("--prompt", required=True, help="text to continue, with and without steering")
+    p.add_argument("--max-new-tokens", type=integer, default=40, help="tokens generated per continuation")
+    p.add_argument("--temperature", type=number, default=0.7, help="sampling temperature (0: greedy)")
+    p.add_argument("--seed", type=integer, default=0, help="sampling seed, the same for both continuations")
+    p.add_argument("--model", default=None, help="default: the model that cached the hook, else smollm2-135m")
+    add_device(p)
 
 
 def spec_from_args(args) -> SteeringSpec:
     """The spec of ``workbench steer``: ``--spec FILE`` or one intervention from the flags."""
     if args.spec is not None:
         return SteeringSpec.load(args.spec)
-    if args.sae is None or args.feature is None:
+    if args.source is None or args.index is None:
         raise SteeringError("give --sae and --feature (or a --spec file)")
-    return SteeringSpec.single(hook=args.hook, source=args.sae, index=args.feature, method=args.method,
-                               strength=args.strength, unit=args.unit, code_mode=getattr(args, "code_mode", None))
+    return SteeringSpec((config_from(args, Intervention),))
 
 
 def run_steer_command(args) -> None:
