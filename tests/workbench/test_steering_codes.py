@@ -1,4 +1,4 @@
-"""Code steering (ALGORITHMS.md §2): the two code modes against a naive reference, and the
+"""Code steering (docs/algorithms.md §2, §7): the two code modes against a naive reference, and the
 Jensen–Shannon divergence of the next-token distribution that forcing a code causes (tiny model)."""
 
 import math
