@@ -3,7 +3,7 @@
     python benchmarks/train_tiny_moe.py --out runs/tiny-moe [--tokens 2000000] [--d-model 128] [--layers 4]
         [--experts 8] [--k 2] [--context 128] [--aux-coef 0.01] [--activation silu] [--dtype bf16] [--threads 1]
 
-The same machinery as the sparsity series (probes.tiny_lm): a byte-level BPE and BOS-prefixed
+The same machinery as the sparsity series (workbench.tinylm): a byte-level BPE and BOS-prefixed
 rows of the corpus (``prepare_token_data``, snapshot in OUT/data), then ``train_tiny_lm`` with
 ``n_experts > 0`` (checkpoints, manifest and held-out rows in OUT/model). Rerunning with the same
 arguments resumes from the newest checkpoint; a finished run only reports. The objective is
@@ -12,7 +12,7 @@ next-token CE + aux_coef · LB with the Switch/Mixtral load-balancing loss
     LB = (1/L) Σ_l E · Σ_e f_{l,e} · P_{l,e},   f_{l,e} = share of layer l's top-k slots routed to e,
                                             P_{l,e} = layer l's mean router probability of e
 
-(≈ k when balanced, ≈ E when collapsed; per layer, not pooled over layers; see probes/tiny_lm.py).
+(≈ k when balanced, ≈ E when collapsed; per layer, not pooled over layers; see workbench/tinylm/train.py).
 
 Prints each checkpoint's training CE, LB and held-out CE, the training tokens/s and wall time of
 this invocation, and the routing balance of the final model on held-out rows, read through the
@@ -85,7 +85,7 @@ def routing_balance(checkpoint_dir: Path, rows: torch.Tensor, batch_size: int) -
 
 def run(args: argparse.Namespace, log=print) -> dict:
     from data import load_corpus
-    from probes.tiny_lm import TinyLMConfig, prepare_token_data, read_manifest, train_tiny_lm
+    from workbench.tinylm import TinyLMConfig, prepare_token_data, read_manifest, train_tiny_lm
 
     started = time.perf_counter()
     cfg = TinyLMConfig(activation=args.activation, d_model=args.d_model, n_layers=args.layers, d_mlp=args.d_expert,
@@ -149,9 +149,9 @@ def run(args: argparse.Namespace, log=print) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    from workbench.cli import _quiet_third_party
+    from workbench.cli import quiet_third_party
 
-    _quiet_third_party()
+    quiet_third_party()
     run(args, log=lambda line: print(line, flush=True))
 
 

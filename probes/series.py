@@ -1,7 +1,7 @@
 """The offline sparsity-law experiment: train small ReLU and SiLU models, measure every
 checkpoint, fit the laws (Luo et al. 2024, "Sparsing Law"; docs/algorithms.md §4).
 
-    corpus ─▶ BPE tokenizer + rows (probes.tiny_lm) ─▶ for each series (activation × shape):
+    corpus ─▶ BPE tokenizer + rows (workbench.tinylm) ─▶ for each series (activation × shape):
         train with log-spaced checkpoints ─▶ each checkpoint: activation ratio at PPL-p% (CETT)
         and exact zeros on held-out rows ─▶ workspace (series, train_tokens)
     ─▶ fits: ReLU series → A(D) = exp(−c·D^α + b) + A₀,  SiLU series → A(D) = A₀ − c/D^α,
@@ -20,8 +20,8 @@ from pathlib import Path
 from probes import records
 from probes.laws import LawFitError, fit_law
 from probes.sparsity import ZERO, measure
-from probes.tiny_lm import ACTIVATIONS, Checkpoint, TinyLMConfig, prepare_token_data, shapes_at_fixed_params, train_tiny_lm
 from workbench.errors import WorkbenchError
+from workbench.tinylm import ACTIVATIONS, Checkpoint, TinyLMConfig, prepare_token_data, shapes_at_fixed_params, train_tiny_lm
 from workbench.workspace import Workspace, ensure_writable
 
 WIDTH_DEPTH_SERIES = "width-depth"
@@ -61,6 +61,7 @@ class SeriesPlan:
     corpus: str = "stdlib"
     """Training and held-out text."""
     seed: int = 0
+    """Seed of the tokenizer's data order, the models' initialisation and the batches."""
     threads: int | None = 1
     """Torch threads while training (None: torch's default). Small models gain little from more
     threads and lose 10× when the cores are shared with another job, so one is the default."""

@@ -31,6 +31,12 @@ def one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
+def first_line(err: BaseException) -> str:
+    """The first non-empty line of ``err``'s message, or its type's name."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     """The bad-input exception types of every layer."""
     from data import CorpusError

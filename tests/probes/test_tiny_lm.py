@@ -1,4 +1,4 @@
-"""probes.tiny_lm: tokenizer, config, gated-MLP activations, training series, resume, shapes."""
+"""workbench.tinylm: tokenizer, config, gated-MLP activations, training series, resume, shapes."""
 
 import json
 import math
@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from probes.tiny_lm import (
+from workbench.tinylm import (
     ACTIVATIONS,
     CHECKPOINT_JSON,
     MANIFEST,

@@ -1,9 +1,9 @@
-"""probes.tiny_lm with experts: Mixtral config, CE + coef·LB objective, training, exact resume,
+"""workbench.tinylm with experts: Mixtral config, CE + coef·LB objective, training, exact resume,
 loading through the bridge and routing capture on the trained (learned) routers.
 
 LB is checked against a naive re-computation of the Switch load-balancing loss from router
 logits read with forward hooks, LB = (1/L) Σ_l E · Σ_e f_{l,e} · P_{l,e} (module docstring of
-probes.tiny_lm), not against transformers' function that the trainer calls.
+workbench.tinylm.train), not against transformers' function that the trainer calls.
 """
 
 import dataclasses
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from probes.tiny_lm import (
+from workbench.tinylm import (
     MANIFEST,
     SeriesError,
     TinyLMConfig,
@@ -216,8 +216,42 @@ def test_dense_training_loss_is_the_plain_ce(token_data):
     assert loss.load_balancing is None and loss.total is loss.ce
 
 
-def test_throughput_runs_for_moe():
-    assert measure_throughput(moe_cfg(vocab_size=300, context=16, batch_size=4), steps=2, warmup=1) > 0
+def test_throughput_runs_for_moe(monkeypatch):
+    """Training tokens per second of the MoE: steps × batch × context over the clock time of the timed steps
+    only (warmup left out), each step the CE + LB objective, backpropagated and applied to the routers."""
+    from types import SimpleNamespace
+
+    import workbench.tinylm.train as tiny_lm
+
+    cfg = moe_cfg(vocab_size=300, context=16, batch_size=4)
+    real_build, real_loss = tiny_lm.build_model, tiny_lm.training_loss
+    built, losses, reads, lb_grads = [], [], [], []
+
+    def build(cfg_):
+        model = real_build(cfg_)
+        built.append((model, {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("mlp.gate.weight")}))
+        return model
+
+    def loss(model, batch, cfg_):
+        losses.append(real_loss(model, batch, cfg_))
+        losses[-1].load_balancing.register_hook(lb_grads.append)  # fires when the backward pass goes through LB
+        return losses[-1]
+
+    def clock():  # 2.5 s between reads; records how many steps had run at each read
+        reads.append(len(losses))
+        return 100.0 + 2.5 * (len(reads) - 1)
+
+    monkeypatch.setattr(tiny_lm, "build_model", build)
+    monkeypatch.setattr(tiny_lm, "training_loss", loss)
+    monkeypatch.setattr(tiny_lm, "time", SimpleNamespace(perf_counter=clock))
+    assert measure_throughput(cfg, steps=3, warmup=2) == pytest.approx(3 * 4 * 16 / 2.5)
+    assert reads == [2, 5]  # the clock starts after the 2 warmup steps and stops after the 3 timed ones
+    assert len(losses) == 5 and all(torch.isfinite(r.total) and r.total > r.ce for r in losses)
+    assert len(lb_grads) == 5  # every step backpropagated CE + coef·LB, not the CE alone
+    ((model, routers_before),) = built
+    assert len(routers_before) == cfg.n_layers  # one router per layer, each moved by the optimiser steps
+    after = dict(model.named_parameters())
+    assert all(not torch.equal(after[n].detach(), before) for n, before in routers_before.items())
 
 
 # ----------------------------------------------------------------------------------- training
