@@ -32,7 +32,7 @@ def _nan_to_none(x):
 
 
 def save_run(ws: Workspace, result, request) -> int:
-    """Store a ``probes.moe_runs.MoeResult``; an earlier run with the same config is replaced."""
+    """Store a ``probes.moe_results.MoeResult``; an earlier run with the same config is replaced."""
     plan, tokens = result.plan, result.tokens
     config = json.dumps(result.config(request), sort_keys=True)
     eval_tokens = int((tokens.eval_labels >= 0).sum())

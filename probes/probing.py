@@ -1,5 +1,9 @@
 """Sparse probing (SAEBench): how few SAE latents, or raw residual dimensions, does a concept need?
 
+This module holds the drivers, which read the workspace or run the model, and what they return
+(``ProbingResult``); the pure core is ``probes.probe_fit`` (ranking, logistic regression at k)
+and ``probes.probe_split`` (tasks, balancing, splits); the text table is ``probes.probe_table``.
+
 For a binary task (y_i ∈ {0, 1}) over sequences i whose hook activations are a_{i,t} ∈ R^d, with
 positions t ∈ T_i = {1, …, n_i − 1} (the BOS at t = 0 is left out), every example gets two
 mean-pooled feature vectors:
@@ -38,47 +42,29 @@ From user data (``probe_texts``): one task per label value vs the rest, or a sin
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Literal, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
-from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
 
 import saes
+from probes.probe_fit import DEFAULT_KS, ProbingError, check_ks, full_probe, probe_features
+from probes.probe_split import (
+    DEFAULT_MAX_PER_CLASS,
+    DEFAULT_MIN_PER_CLASS,
+    DEFAULT_MIN_TEST_PER_CLASS,
+    TaskSplit,
+    binary_tasks,
+    split_task,
+)
 from workbench.activations import HOLDOUT_EVERY, context_ids, read_contexts
-from workbench.errors import WorkbenchError
 from workbench.hooks import attached, stop_layer, validate_hooks
 from workbench.workspace import SAERecord, Workspace, fetch_one, resolve_sae
 
-DEFAULT_KS = (1, 2, 5)
-DEFAULT_MAX_PER_CLASS = 500
-DEFAULT_MIN_PER_CLASS = 10
-DEFAULT_MIN_TEST_PER_CLASS = 5
-TEST_FRACTION = 0.25  # stratified fallback: share of each class held out
-SPARSE_C = 1.0  # inverse L2 strength of the k-sparse probes
-FULL_C = 1.0  # inverse L2 strength of the full linear probe
-MAX_ITER = 2000
 SOURCES = ("sae", "residual", "full")
 _CHUNK_FLOATS = 1 << 25  # ~128 MB of dense latents per encoded chunk
-
-Split = Literal["holdout", "stratified"]
-
-
-class ProbingError(WorkbenchError):
-    """Bad probing input: k out of range, fewer than two classes, mismatched arrays, no task to run."""
-
-
-@dataclass(frozen=True)
-class SparseProbe:
-    """Test accuracy of a logistic regression on the k features ranked highest by mean difference."""
-
-    k: int
-    accuracy: float
-    features: tuple[int, ...]  # the selected feature indices, best first
 
 
 @dataclass(frozen=True)
@@ -113,165 +99,6 @@ class ProbingResult:
     @property
     def tasks(self) -> list[str]:
         return list(dict.fromkeys(row.task for row in self.rows))
-
-
-# -- the pure core -----------------------------------------------------------------------------
-
-def _check_xy(x: np.ndarray, y: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
-    x = np.asarray(x, dtype=np.float64)
-    y = np.asarray(y)
-    if x.ndim != 2:
-        raise ProbingError(f"{name} features must be 2-D [examples, features], got shape {list(x.shape)}")
-    if y.shape != (x.shape[0],):
-        raise ProbingError(f"{name} labels must have shape [{x.shape[0]}], got {list(y.shape)}")
-    if not np.isin(y, (0, 1)).all():
-        raise ProbingError(f"{name} labels must be 0/1 (or bool), got values {sorted(set(np.unique(y).tolist()))[:5]}")
-    return x, y.astype(np.int64)
-
-
-def _check_pair(x_train, y_train, x_test, y_test) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    x_train, y_train = _check_xy(x_train, y_train, "training")
-    x_test, y_test = _check_xy(x_test, y_test, "test")
-    if x_train.shape[1] != x_test.shape[1]:
-        raise ProbingError(f"training and test features differ in width: {x_train.shape[1]} vs {x_test.shape[1]}")
-    if len(np.unique(y_train)) < 2:
-        raise ProbingError(f"the training split needs both classes, got only class {int(y_train[0]) if len(y_train) else 'none'}")
-    if len(y_test) == 0:
-        raise ProbingError("the test split is empty")
-    return x_train, y_train, x_test, y_test
-
-
-def check_ks(ks: Sequence[int], n_features: int, what: str = "features") -> tuple[int, ...]:
-    """``ks`` sorted and deduplicated, or a one-line error when one is not in 1..n_features."""
-    ks = tuple(ks)
-    if not ks:
-        raise ProbingError("ks is empty: give at least one k, e.g. 1 2 5")
-    for k in ks:
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-            raise ProbingError(f"k must be an integer, got {k!r}")
-        if k <= 0 or k > n_features:
-            raise ProbingError(f"k must be between 1 and the number of {what} ({n_features}), got {k}")
-    return tuple(sorted({int(k) for k in ks}))
-
-
-def rank_by_mean_difference(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Feature indices by |mean over y=1 − mean over y=0|, largest first (ties: lower index first)."""
-    x, y = _check_xy(x, y, "training")
-    if len(np.unique(y)) < 2:
-        raise ProbingError("ranking by mean difference needs both classes in the training split")
-    score = np.abs(x[y == 1].mean(0) - x[y == 0].mean(0))  # [F]
-    return np.argsort(-score, kind="stable")
-
-
-def _fit_accuracy(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, c: float) -> float:
-    scaler = StandardScaler().fit(x_train)
-    probe = LogisticRegression(C=c, max_iter=MAX_ITER)
-    probe.fit(scaler.transform(x_train), y_train)
-    return float((probe.predict(scaler.transform(x_test)) == y_test).mean())
-
-
-def probe_features(x_train, y_train, x_test, y_test, ks: Sequence[int] = DEFAULT_KS, *, c: float = SPARSE_C) -> list[SparseProbe]:
-    """SAEBench k-sparse probes: top-k features by mean difference on train, standardised L2 logistic
-    regression on those k, accuracy on test. One ``SparseProbe`` per k, in increasing k.
-
-    x_train [n_train, F], y_train [n_train] in {0, 1}; x_test [n_test, F], y_test [n_test].
-    """
-    x_train, y_train, x_test, y_test = _check_pair(x_train, y_train, x_test, y_test)
-    ks = check_ks(ks, x_train.shape[1])
-    order = rank_by_mean_difference(x_train, y_train)
-    out = []
-    for k in ks:
-        chosen = order[:k]
-        accuracy = _fit_accuracy(x_train[:, chosen], y_train, x_test[:, chosen], y_test, c)
-        out.append(SparseProbe(k, accuracy, tuple(int(i) for i in chosen)))
-    return out
-
-
-def full_probe(x_train, y_train, x_test, y_test, *, c: float = FULL_C) -> float:
-    """Test accuracy of a standardised L2 logistic regression on every feature (the ceiling)."""
-    x_train, y_train, x_test, y_test = _check_pair(x_train, y_train, x_test, y_test)
-    return _fit_accuracy(x_train, y_train, x_test, y_test, c)
-
-
-# -- tasks, balancing and splits ---------------------------------------------------------------
-
-@dataclass(frozen=True)
-class TaskSplit:
-    """Example indices (into the labelled pool) of one task, balanced; y = 1 for the positives."""
-
-    train: np.ndarray  # [n_train] indices
-    y_train: np.ndarray  # [n_train] 0/1
-    test: np.ndarray  # [n_test] indices
-    y_test: np.ndarray  # [n_test] 0/1
-    split: Split
-
-
-def _task_rng(seed: int, task: str) -> np.random.Generator:
-    return np.random.default_rng([seed, zlib.crc32(task.encode())])
-
-
-def _take(rng: np.random.Generator, pool: np.ndarray, n: int) -> np.ndarray:
-    """n indices of ``pool`` (sorted ascending) chosen without replacement by ``rng``."""
-    return np.sort(rng.choice(pool, size=n, replace=False)) if n < len(pool) else np.sort(pool)
-
-
-def _join(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    idx = np.concatenate([pos, neg])
-    y = np.concatenate([np.ones(len(pos), np.int64), np.zeros(len(neg), np.int64)])
-    return idx, y
-
-
-def split_task(
-    positive: np.ndarray,
-    holdout: np.ndarray | None,
-    *,
-    task: str,
-    seed: int = 0,
-    max_per_class: int = DEFAULT_MAX_PER_CLASS,
-    min_per_class: int = DEFAULT_MIN_PER_CLASS,
-    min_test_per_class: int = DEFAULT_MIN_TEST_PER_CLASS,
-) -> TaskSplit | str:
-    """Balance and split one task; a notice string instead when a class has too few examples.
-
-    ``positive`` [n] bool marks the task's positives among n labelled examples; ``holdout`` [n]
-    bool marks the workspace's test contexts (None: no such rule, use the stratified split).
-    Deterministic given (seed, task name).
-    """
-    positive = np.asarray(positive, dtype=bool)
-    pos_all, neg_all = np.flatnonzero(positive), np.flatnonzero(~positive)
-    n_class = min(len(pos_all), len(neg_all))
-    if n_class < min_per_class:
-        return (f"{task}: skipped, {len(pos_all)} positive / {len(neg_all)} negative examples "
-                f"(needs at least {min_per_class} of each)")
-    rng = _task_rng(seed, task)
-    if holdout is not None:
-        holdout = np.asarray(holdout, dtype=bool)
-        parts = {}
-        for name, mask in (("train", ~holdout), ("test", holdout)):
-            pos, neg = pos_all[mask[pos_all]], neg_all[mask[neg_all]]
-            parts[name] = (pos, neg, min(len(pos), len(neg), max_per_class))
-        if parts["test"][2] >= min_test_per_class and parts["train"][2] >= min_test_per_class:
-            (tr_pos, tr_neg, n_tr), (te_pos, te_neg, n_te) = parts["train"], parts["test"]
-            train, y_train = _join(_take(rng, tr_pos, n_tr), _take(rng, tr_neg, n_tr))
-            test, y_test = _join(_take(rng, te_pos, n_te), _take(rng, te_neg, n_te))
-            return TaskSplit(train, y_train, test, y_test, "holdout")
-    n = min(n_class, max_per_class)
-    n_test = max(1, int(round(TEST_FRACTION * n)))
-    pos, neg = rng.permutation(_take(rng, pos_all, n)), rng.permutation(_take(rng, neg_all, n))
-    train, y_train = _join(np.sort(pos[n_test:]), np.sort(neg[n_test:]))
-    test, y_test = _join(np.sort(pos[:n_test]), np.sort(neg[:n_test]))
-    return TaskSplit(train, y_train, test, y_test, "stratified")
-
-
-def binary_tasks(labels: Sequence, prefix: str) -> list[tuple[str, np.ndarray]]:
-    """(name, positive mask) per task: one per label value vs the rest; one task "prefix=b" for two values a < b."""
-    values = sorted(set(labels), key=str)
-    if len(values) < 2:
-        shown = f"'{values[0]}'" if values else "none"
-        raise ProbingError(f"probing needs at least 2 classes, got {len(values)} ({shown})")
-    labels = np.asarray([str(v) for v in labels])
-    targets = values[1:] if len(values) == 2 else values
-    return [(f"{prefix}={v}", labels == str(v)) for v in targets]
 
 
 # -- the shared driver -------------------------------------------------------------------------
@@ -501,30 +328,3 @@ def probe_texts(
 
     return _run(tasks, None, extract, record, ks, seed=seed, max_per_class=max_per_class,
                 min_per_class=min_per_class, min_test_per_class=1)
-
-
-# -- display -----------------------------------------------------------------------------------
-
-def format_table(result: ProbingResult) -> str:
-    """One line per task: sizes, split, then test accuracy per source and k; a mean line; notices."""
-    columns = [("sae", k) for k in result.ks] + [("residual", k) for k in result.ks] + [("full", None)]
-    heads = [f"sae@{k}" for k in result.ks] + [f"resid@{k}" for k in result.ks] + ["full"]
-    by_key = {(r.task, r.source, None if r.source == "full" else r.k): r for r in result.rows}
-    tasks = result.tasks
-    width = max([len("task"), len("mean")] + [len(t) for t in tasks])
-    lines = [f"sparse probing: SAE '{result.sae}' at {result.hook} (seed {result.seed}); test accuracy",
-             f"{'task':<{width}}  {'train':>5}  {'test':>4}  {'split':<10}  " + "  ".join(f"{h:>8}" for h in heads)]
-    for task in tasks:
-        first = by_key[(task, "full", None)]
-        cells = [by_key.get((task, source, k)) for source, k in columns]
-        lines.append(f"{task:<{width}}  {first.n_train:>5}  {first.n_test:>4}  {first.split:<10}  "
-                     + "  ".join(f"{c.accuracy:>8.3f}" if c else f"{'-':>8}" for c in cells))
-    if len(tasks) > 1:
-        means = [np.mean([by_key[(t, source, k)].accuracy for t in tasks]) for source, k in columns]
-        lines.append(f"{'mean':<{width}}  {'':>5}  {'':>4}  {'':<10}  " + "  ".join(f"{m:>8.3f}" for m in means))
-    k_max = result.ks[-1]
-    for task in tasks:
-        picked = by_key[(task, "sae", k_max)].features
-        lines.append(f"{task}: SAE latents at k={k_max}: {', '.join(map(str, picked))}")
-    lines.extend(result.skipped)
-    return "\n".join(lines)

@@ -14,7 +14,7 @@ import torch
 from data import load_corpus
 from probes import moe_records
 from probes.experts import CONCEPTS
-from probes.moe_runs import routed
+from probes.moe_kinds import routed
 from probes.moefy import Partition, mask_to_topk
 from workbench.caching import ActivationCacher, CacheRequest
 from workbench.workspace import Workspace
@@ -68,7 +68,8 @@ def moe_db(tmp_path_factory, tiny) -> Path:
 @pytest.fixture(scope="module")
 def moefied_run(moe_db):
     """One `moe run` with the SAE; the model and corpus default to the workspace's."""
-    from probes.moe_runs import MoeRequest, run_moe
+    from probes.moe_request import MoeRequest
+    from probes.moe_runs import run_moe
 
     request = MoeRequest(sae=SAE, eval_tokens=128, fit_tokens=256, ctx=32, n_experts=8, k=2, batch_size=16)
     run_id, result = run_moe(moe_db, request, progress=False)
@@ -326,7 +327,7 @@ def test_bad_input_is_one_line_and_writes_no_rows(moe_db, moefied_run, main, cap
     assert "curve k=9 is out of range; choose 1 ≤ k ≤ 8" in bad(main, [*run, "--experts", "8", "--curve", "9"], capsys)
     assert "layer 5 is out of range: LlamaForCausalLM has layers 0..1" in bad(main, [*run, "--layer", "5"], capsys)
     assert f"no SAE 'nope' in bad.duckdb; available: 1:{SAE}" in bad(main, [*run, "--sae", "nope"], capsys)
-    assert "unknown kind to mask 'latent'" in bad(main, [*run, "--mask", "latent"], capsys)
+    assert "argument --mask: invalid choice: 'latent'" in bad(main, [*run, "--mask", "latent"], capsys)
     assert "unknown concept 'emoji'" in bad(main, [*run, "--concept", "emoji"], capsys)
     assert "unknown masking budget 'equal'; valid: skew, matched" in bad(main, [*run, "--budget", "equal"], capsys)
     assert "--matched-share must be in (0, 1), got 1.0" in bad(main, [*run, "--matched-share", "1"], capsys)
@@ -383,7 +384,9 @@ def test_probe_stores_and_prints_sparse_probing(moe_db, moefied_run, main, capsy
 def test_masking_never_removes_every_expert_of_a_moe_layer():
     """A matched share that would take all of a layer's experts is skipped with a notice, not sent to the router."""
     from probes.experts import summarise
-    from probes.moe_runs import MoeRequest, TokenGroups, masking_matrices
+    from probes.moe_groups import TokenGroups
+    from probes.moe_masking import masking_matrices
+    from probes.moe_request import MoeRequest
 
     ids = torch.tensor([[1, 5, 6, 7], [1, 8, 9, 10]])  # (rows, ctx)
     domain = torch.tensor([[-1, 0, 0, 0], [-1, 1, 1, 1]])

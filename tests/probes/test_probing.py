@@ -12,19 +12,10 @@ import torch
 
 import saes
 from data import load_corpus
-from probes.probing import (
-    ProbingError,
-    binary_tasks,
-    context_domains,
-    format_table,
-    full_probe,
-    probe_features,
-    probe_texts,
-    rank_by_mean_difference,
-    sparse_probing,
-    split_task,
-    text_features,
-)
+from probes.probe_fit import ProbingError, full_probe, probe_features, rank_by_mean_difference
+from probes.probe_split import binary_tasks, split_task
+from probes.probe_table import format_table
+from probes.probing import context_domains, probe_texts, sparse_probing, text_features
 from workbench.activations import HOLDOUT_EVERY, read_contexts
 from workbench.workspace import resolve_sae
 from workbench.caching import ActivationCacher, CacheRequest

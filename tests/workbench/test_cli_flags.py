@@ -12,7 +12,7 @@ import sys
 import pytest
 
 import saes
-from probes.moe_runs import MoeRequest
+from probes.moe_request import MoeRequest
 from probes.series import SeriesPlan
 from workbench.caching import CacheRequest
 from workbench.cli import COMMANDS, build_parser, main
