@@ -12,26 +12,7 @@ from typing import NamedTuple
 
 import torch
 
-from workbench.hooks import attached
-
-
-class Capture:
-    """Activations (n = rows·ctx, d) of some hooks over every forward inside ``attached(model, hooks)``."""
-
-    def __init__(self, names):
-        self.parts = {name: [] for name in names}
-
-    def hooks(self):
-        def keep(name):
-            def fn(activation, hook):
-                self.parts[name].append(activation.detach().reshape(-1, activation.shape[-1]).float().cpu())
-
-            return fn
-
-        return [(name, keep(name)) for name in self.parts]
-
-    def __getitem__(self, name) -> torch.Tensor:
-        return torch.cat(self.parts[name])
+from workbench.hooks import Capture, attached
 
 
 class Pass(NamedTuple):

@@ -29,7 +29,8 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 
-from probes.moe_capture import Capture, Intervention, Pass, passthrough_bos
+from probes.moe_capture import Intervention, Pass, passthrough_bos
+from workbench.hooks import Capture
 from probes.moe_request import Plan
 from probes.moefy import Partition, expert_scores, moefy, topk_scores
 from probes.routing import recorded_routing, rerouted
@@ -129,7 +130,7 @@ def _router_routes(units: Units, layer: int, run: Pass) -> tuple[torch.Tensor, t
 
 # -- moefied: a dense MLP split into experts -------------------------------------------------
 def _moefied_scores(units: Units, layer: int, run: Pass) -> torch.Tensor:
-    scores = expert_scores(run.capture[units.mlp_hook(layer)], units.partitions[layer])
+    scores = expert_scores(run.capture.rows(units.mlp_hook(layer)), units.partitions[layer])
     return topk_scores(scores, scores.topk(units.plan.k, dim=-1).indices)
 
 
@@ -146,17 +147,17 @@ def _moefied_removal(units: Units, remove: dict[int, np.ndarray]) -> Interventio
 
 def _moefied_fit(units: Units, capture: Capture, labelled: torch.Tensor, seed: int) -> None:
     for L in units.plan.layers:
-        units.partitions[L] = moefy(capture[units.mlp_hook(L)][labelled], units.plan.n_experts, seed=seed)
+        units.partitions[L] = moefy(capture.rows(units.mlp_hook(L))[labelled], units.plan.n_experts, seed=seed)
 
 
 def _moefied_routes(units: Units, layer: int, run: Pass) -> tuple[torch.Tensor, torch.Tensor]:
-    top = expert_scores(run.capture[units.mlp_hook(layer)], units.partitions[layer]).topk(units.plan.k, dim=-1)
+    top = expert_scores(run.capture.rows(units.mlp_hook(layer)), units.partitions[layer]).topk(units.plan.k, dim=-1)
     return top.indices, top.values
 
 
 # -- neuron: the same MLP's neurons ----------------------------------------------------------
 def _neuron_scores(units: Units, layer: int, run: Pass) -> torch.Tensor:
-    return run.capture[units.mlp_hook(layer)].abs()
+    return run.capture.rows(units.mlp_hook(layer)).abs()
 
 
 def _neuron_removal(units: Units, remove: dict[int, np.ndarray]) -> Intervention:
@@ -174,7 +175,7 @@ def _sae_captures(plan: Plan) -> list[str]:
 
 
 def _sae_scores(units: Units, layer: int, run: Pass) -> torch.Tensor:
-    return _sae_encode(units.sae, run.capture[units.plan.sae.hook])
+    return _sae_encode(units.sae, run.capture.rows(units.plan.sae.hook))
 
 
 def _sae_removal(units: Units, remove: dict[int, np.ndarray]) -> Intervention:

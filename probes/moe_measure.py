@@ -37,7 +37,8 @@ import torch
 
 from probes import domains as dom
 from probes.experts import ExpertSummary, concept_correlation, summarise
-from probes.moe_capture import Capture, Intervention, Pass, run_forward
+from probes.moe_capture import Intervention, Pass, run_forward
+from workbench.hooks import Capture
 from probes.moe_groups import TokenGroups
 from probes.moe_kinds import EXPERT_SOURCES, UNIT_KINDS, Units
 from probes.moe_masking import concept_purges, masking_matrices
@@ -70,7 +71,7 @@ def measure(loaded, plan: Plan, tokens: dom.DomainTokens, request: MoeRequest, *
     concepts = list(fit_groups.hits)  # the concepts asked for, in CONCEPTS order
 
     # 1. fit pass: partitions, specialists, concept correlations
-    fit = Capture(capture_names)
+    fit = Capture(capture_names, keep_all=True)
     with source.recording(units) as fit_rec:
         run_forward(model, tokens.fit_tokens, fit.hooks(), request.batch_size, stop_at, "fit pass", progress)
     fit_pass = Pass(fit, fit_rec)
@@ -96,7 +97,7 @@ def measure(loaded, plan: Plan, tokens: dom.DomainTokens, request: MoeRequest, *
         return out
 
     # 2. evaluation pass, dense
-    capture = Capture(capture_names)
+    capture = Capture(capture_names, keep_all=True)
     with source.recording(units) as recorder:
         dense_losses = dom.token_losses(model, tokens.eval_tokens, hooks=capture.hooks(), batch_size=request.batch_size,
                                         desc="dense eval", progress=progress)

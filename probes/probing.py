@@ -60,7 +60,7 @@ from probes.probe_split import (
     split_task,
 )
 from workbench.activations import HOLDOUT_EVERY, context_ids, read_contexts
-from workbench.hooks import attached, stop_layer, validate_hooks
+from workbench.hooks import Capture, attached, stop_layer, validate_hooks
 from workbench.workspace import SAERecord, Workspace, fetch_one, resolve_sae
 
 SOURCES = ("sae", "residual", "full")
@@ -269,13 +269,9 @@ def text_features(
         encoded.append([bos, *ids])
     d_in = int(sae.W_dec.shape[1])  # W_dec [width, d_in] (the codebook exposes its codes as W_dec)
     stop_at = stop_layer([hook], model.cfg.n_layers)
-    captured: dict[str, torch.Tensor] = {}
-
-    def keep(activation: torch.Tensor, hook) -> None:  # TransformerLens passes `hook=` by name
-        captured["acts"] = activation.detach()
-
+    capture = Capture([hook])
     sae_parts, res_parts = [], []
-    with attached(model, [(hook, keep)]):
+    with attached(model, capture.hooks()):
         for start in tqdm(range(0, len(encoded), batch_size), desc="probing texts", unit="batch",
                           disable=not progress, dynamic_ncols=True):
             batch = encoded[start : start + batch_size]
@@ -284,7 +280,7 @@ def text_features(
             tokens = torch.tensor([b + [pad] * (longest - len(b)) for b in batch], device=model.cfg.device)  # [B, L]
             with torch.inference_mode():
                 model(tokens, stop_at_layer=stop_at)
-            acts = captured["acts"].float().cpu()  # [B, L, d]
+            acts = capture.latest[hook].float().cpu()  # [B, L, d]
             if acts.shape[-1] != d_in:
                 raise ProbingError(f"{hook} of this model has d={acts.shape[-1]} but the SAE expects d_in={d_in}: "
                                    "load the model the SAE was trained on")

@@ -32,7 +32,7 @@ from probes.cett import LayerThresholdSearch
 from probes.domains import token_losses
 from probes.neurons import MLPSite, mlp_sites
 from workbench.errors import WorkbenchError
-from workbench.hooks import attached
+from workbench.hooks import Capture, attached
 
 SEARCH_TOLERANCE = 1e-3
 FAT_SAMPLE_PER_LAYER = 65_536  # |a| values per layer pooled for the global FAT quantiles
@@ -167,18 +167,11 @@ def calibrate(model, sites: list[MLPSite], tokens: torch.Tensor, n_tokens: int, 
     rows = max(1, math.ceil(n_tokens / max(1, tokens.shape[1] - 1)))
     sample = tokens[:rows]
     device = next(model.parameters()).device
-    store: list[list[torch.Tensor]] = [[] for _ in sites]
-
-    def capture(site: MLPSite):
-        def grab(acts: torch.Tensor, hook=None):
-            store[site.layer].append(acts[:, 1:].reshape(-1, acts.shape[-1]).float().cpu())  # (b·(t-1), d_mlp)
-
-        return grab
-
+    capture = Capture([s.hook for s in sites], keep_all=True, skip_first=1)  # rows (b·(t-1), d_mlp), BOS left out
     for start in range(0, sample.shape[0], batch_size):
-        with torch.inference_mode(), attached(model, [(s.hook, capture(s)) for s in sites]):
+        with torch.inference_mode(), attached(model, capture.hooks()):
             model(sample[start : start + batch_size].to(device))
-    return Calibration(sites, [torch.cat(chunks)[:n_tokens] for chunks in store], grid_size)
+    return Calibration(sites, [capture.rows(s.hook)[:n_tokens] for s in sites], grid_size)
 
 
 # -- PPL-p% search ---------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from data import Corpus, chunk_and_tokenize, token_strings
 from workbench.errors import WorkbenchError
-from workbench.hooks import attached, stop_layer, validate_hooks
+from workbench.hooks import Capture, attached, stop_layer, validate_hooks
 from workbench.models import LoadedModel, max_context
 from workbench.storage import STORAGE_DTYPES, insert_arrow
 from workbench.workspace import Workspace, ensure_writable, fetch_one
@@ -125,23 +125,6 @@ def to_storage(acts: torch.Tensor, dtype: str) -> np.ndarray:
     return stored.view(torch.int16).cpu().numpy()
 
 
-class _Capture:
-    """Forward hooks that keep the latest activation of each hook."""
-
-    def __init__(self, hooks: Sequence[str]):
-        self.hooks = list(hooks)
-        self.values: dict[str, torch.Tensor] = {}
-
-    def fwd_hooks(self):
-        def keep(name: str):
-            def fn(activation: torch.Tensor, hook) -> None:
-                self.values[name] = activation.detach()
-
-            return fn
-
-        return [(name, keep(name)) for name in self.hooks]
-
-
 def _batches(contexts: Iterable, size: int) -> Iterator[list]:
     batch: list = []
     for context in contexts:
@@ -206,14 +189,14 @@ class ActivationCacher:
         return run_id
 
     def _hook_dims(self) -> dict[str, int]:
-        capture = _Capture(self.request.hooks)
+        capture = Capture(self.request.hooks)
         probe = torch.zeros(1, 2, dtype=torch.long, device=self.loaded.model.cfg.device)
-        with torch.inference_mode(), attached(self.loaded.model, capture.fwd_hooks()):
+        with torch.inference_mode(), attached(self.loaded.model, capture.hooks()):
             self.loaded.model(probe, stop_at_layer=self.stop_at)
-        for hook, value in capture.values.items():
+        for hook, value in capture.latest.items():
             if value.dim() != 3:
                 raise CacheError(f"hook '{hook}' gives shape {list(value.shape)}; only [batch, pos, d] hooks can be cached")
-        return {hook: int(value.shape[-1]) for hook, value in capture.values.items()}
+        return {hook: int(value.shape[-1]) for hook, value in capture.latest.items()}
 
     def _store_vocab(self) -> None:
         name = self.request.model
@@ -242,14 +225,14 @@ class ActivationCacher:
             total=target * req.ctx_len, initial=done * req.ctx_len, unit="tok", unit_scale=True,
             desc=f"caching run {run_id}", disable=not progress, dynamic_ncols=True,
         )
-        capture = _Capture(req.hooks)
+        capture = Capture(req.hooks)
         written = done
-        with self.ws.job("runs", run_id), bar, attached(self.loaded.model, capture.fwd_hooks()):
+        with self.ws.job("runs", run_id), bar, attached(self.loaded.model, capture.hooks()):
             for batch in _batches(remaining, req.batch_size):
                 tokens = torch.tensor([c.token_ids for c in batch], device=self.loaded.model.cfg.device)  # [B, L]
                 with torch.inference_mode():
                     self.loaded.model(tokens, stop_at_layer=self.stop_at)
-                self._write_batch(run_id, corpus_id, batch, capture.values, stored_docs)
+                self._write_batch(run_id, corpus_id, batch, capture.latest, stored_docs)
                 written += len(batch)
                 bar.update(len(batch) * req.ctx_len)
         with self.ws.transaction() as con:

@@ -139,7 +139,7 @@ def search_by_pattern(ws: Workspace, sae: SAERecord, pattern: str, *, limit: int
 
     precision = |fires ∧ matches| / |fires|, recall = |fires ∧ matches| / |matches|, ranked by
     their harmonic mean (F1). The regex runs on each token's display string, in DuckDB, so its
-    syntax is RE2's (no lookarounds or backreferences; ``\p{L}`` classes work).
+    syntax is RE2's (no lookarounds or backreferences; ``\\p{L}`` classes work).
     """
     try:
         ws.con.execute("SELECT regexp_matches('', ?)", [pattern]).fetchall()

@@ -57,6 +57,36 @@ def stop_layer(hooks: Sequence[str], n_layers: int) -> int | None:
     return deepest if deepest < n_layers else None
 
 
+class Capture:
+    """Forward hooks that record the activation at each of ``names``: ``latest[name]`` holds the
+    last one (detached, where it was computed); with ``keep_all`` every one is also kept as
+    (tokens, d) float32 rows on the CPU, concatenated by ``rows(name)``. ``skip_first`` leaves out
+    the first positions (BOS) of the kept rows. Use as ``attached(model, capture.hooks())``."""
+
+    def __init__(self, names: Sequence[str], *, keep_all: bool = False, skip_first: int = 0):
+        self.names = list(names)
+        self.latest: dict[str, torch.Tensor] = {}
+        self._rows: dict[str, list[torch.Tensor]] | None = {name: [] for name in self.names} if keep_all else None
+        self.skip_first = skip_first
+
+    def hooks(self) -> list[tuple[str, HookFn]]:
+        def keep(name: str) -> HookFn:
+            def fn(activation: torch.Tensor, hook=None) -> None:
+                activation = activation.detach()
+                self.latest[name] = activation
+                if self._rows is not None:  # (b, T, d) -> (b·(T - skip_first), d)
+                    kept = activation[:, self.skip_first:] if activation.dim() == 3 else activation
+                    self._rows[name].append(kept.reshape(-1, activation.shape[-1]).float().cpu())
+
+            return fn
+
+        return [(name, keep(name)) for name in self.names]
+
+    def rows(self, name: str) -> torch.Tensor:
+        """Every kept activation of ``name``: (tokens, d) float32 on the CPU."""
+        return torch.cat(self._rows[name])
+
+
 @contextmanager
 def attached(model, fwd_hooks: Sequence[tuple[str, HookFn]] | None = None) -> Iterator[None]:
     """Install forward hooks for the duration of the block; always removes them, even on error.

@@ -78,16 +78,13 @@ def _as_tokens(bridge, text: str | Tensor, max_tokens: int) -> Tensor:
 
 
 def _run(bridge, tokens: Tensor, hooks: list, captures: dict, capture_hooks: Sequence[str]) -> Tensor:
-    from workbench.hooks import attached
+    from workbench.hooks import Capture, attached
 
-    def capture(name: str):
-        def fn(act: Tensor, hook=None) -> None:
-            captures[name] = act.detach()[0].float()  # (L, d) after every intervention on this hook
-
-        return fn
-
-    with torch.inference_mode(), attached(bridge, [*hooks, *((h, capture(h)) for h in capture_hooks)]):
-        return bridge(tokens)[0].float().log_softmax(-1)  # (L, vocab)
+    capture = Capture(capture_hooks)  # attached after ``hooks``: sees every intervention on its hook
+    with torch.inference_mode(), attached(bridge, [*hooks, *capture.hooks()]):
+        logprobs = bridge(tokens)[0].float().log_softmax(-1)  # (L, vocab)
+    captures.update({name: act[0].float() for name, act in capture.latest.items()})  # (L, d) each
+    return logprobs
 
 
 def measure(model, spec: SteeringSpec, prompts: Sequence[str | Tensor], neutral_texts: Sequence[str | Tensor] | None = None, *,
