@@ -5,7 +5,8 @@ A connection held across reruns would keep DuckDB's file lock, so `workbench cac
 or `analyze` would fail with "workspace busy" for as long as a browser tab is open. Results are
 cached by ``st.cache_data`` under the workspace path *and* its change stamp (modification times
 of the file and its write-ahead log), so an unchanged workspace costs nothing on a rerun and a
-changed one (a new SAE, a finished analysis) is read afresh.
+changed one (a new SAE, a finished analysis) is read afresh: ``per_workspace_version`` turns a read
+``fn(path, ...)`` into that cached one.
 
 Pages never catch library exceptions themselves: they pass a wrapper to ``call``, which turns
 "workspace busy" into a warning with a Retry button and every other user-facing error into one
@@ -14,6 +15,7 @@ Pages never catch library exceptions themselves: they pass a wrapper to ``call``
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from pathlib import Path
@@ -22,6 +24,7 @@ from typing import Any, Callable
 import streamlit as st
 
 from workbench.errors import report
+from workbench.workspace import Workspace, WorkspaceBusy, change_stamp, resolve_sae
 
 ENV_VAR = "WORKBENCH_DB"
 
@@ -36,28 +39,40 @@ def workspace_path() -> str:
     return str(Path(value).expanduser().resolve())
 
 
-def stamp(path: str) -> tuple[int, int]:
-    """Modification times of the database file and its WAL: the cache key of 'this version'."""
-    out = []
-    for file in (Path(path), Path(path + ".wal")):
-        try:
-            out.append(file.stat().st_mtime_ns)
-        except OSError:
-            out.append(0)
-    return tuple(out)
+stamp = change_stamp  # the workspace's version: modification times of its file and its WAL
 
 
-def _open(path: str):
-    from workbench.workspace import Workspace
-
+def _open(path: str) -> Workspace:
     return Workspace(path, read_only=True)
+
+
+def per_workspace_version(*, max_entries: int, show_spinner: bool | str = False) -> Callable[[Callable], Callable]:
+    """A read ``fn(path, ...)`` cached by ``st.cache_data`` under its arguments and the workspace's ``stamp``.
+
+    The decorated name is the public read: it takes ``fn``'s own arguments and adds the stamp itself, so a
+    changed workspace (a new SAE, a finished analysis) is read afresh and an unchanged one costs nothing.
+    """
+
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)  # st.cache_data keys a cache on fn's module, name and source: one per read
+        def at_version(*args: Any, workspace_version: tuple, **kwargs: Any) -> Any:
+            return fn(*args, **kwargs)
+
+        read = st.cache_data(show_spinner=show_spinner, max_entries=max_entries)(at_version)
+
+        @functools.wraps(fn)
+        def public(path: str, *args: Any, **kwargs: Any) -> Any:
+            return read(path, *args, workspace_version=stamp(path), **kwargs)
+
+        public.clear = read.clear
+        return public
+
+    return decorate
 
 
 def call(fn: Callable, *args: Any, stop: bool = True, **kwargs: Any) -> Any:
     """Run ``fn``; a busy workspace stops the page with a warning and a Retry button, any other
     error shows one ``st.error`` line and stops the page (``stop=False``: returns None)."""
-    from workbench.workspace import WorkspaceBusy
-
     try:
         return fn(*args, **kwargs)
     except WorkspaceBusy as err:
@@ -71,9 +86,10 @@ def call(fn: Callable, *args: Any, stop: bool = True, **kwargs: Any) -> Any:
     return None
 
 
-# -- cached reads (each takes the path and its stamp, so a changed workspace is re-read) ------
-@st.cache_data(show_spinner=False, max_entries=32)
-def _overview(path: str, version: tuple) -> dict:
+# -- cached reads (each opens the workspace for one call; a changed workspace is re-read) -------
+@per_workspace_version(max_entries=32)
+def overview(path: str) -> dict:
+    """Runs (with their model), corpora, cached hooks, SAEs with metrics, analysis status."""
     from workbench.training import trained_saes
 
     with _open(path) as ws:
@@ -88,71 +104,52 @@ def _overview(path: str, version: tuple) -> dict:
         }
 
 
-def overview(path: str) -> dict:
-    """Runs (with their model), corpora, cached hooks, SAEs with metrics, analysis status."""
-    return _overview(path, stamp(path))
-
-
 def sae_names(path: str) -> list[str]:
     """Names of the finished SAEs, in id order (what ``resolve_sae`` accepts)."""
     return [s["name"] for s in overview(path)["saes"] if s["status"] == "done"]
 
 
-@st.cache_data(show_spinner=False, max_entries=256)
-def _resolve(path: str, version: tuple, ref: str):
-    from workbench.workspace import resolve_sae
+@per_workspace_version(max_entries=256)
+def resolve(path: str, ref: str):
+    """``SAERecord`` by name or id; ``AnalysisError`` lists the available SAEs."""
 
     with _open(path) as ws:
         return resolve_sae(ws, ref)
 
 
-def resolve(path: str, ref: str):
-    """``SAERecord`` by name or id; ``AnalysisError`` lists the available SAEs."""
-    return _resolve(path, stamp(path), ref)
-
-
-@st.cache_data(show_spinner=False, max_entries=512)
-def _feature(path: str, version: tuple, sae: str, feature: int) -> dict:
+@per_workspace_version(max_entries=512)
+def feature(path: str, sae: str, feature_id: int) -> dict:
+    """Everything the feature page shows: summary, top and band examples, logit effects, neighbours."""
     from workbench import features as F
     from workbench.analysis import N_BANDS, N_TOP, PER_BAND
-    from workbench.workspace import resolve_sae
 
+    feature_id = int(feature_id)
     with _open(path) as ws:
         record = resolve_sae(ws, sae)
-        summary = F.feature_summary(ws, record, feature)  # checks the id and the analysis first
-        every = F.examples(ws, record, feature, band=None, limit=N_TOP + N_BANDS * PER_BAND)
+        summary = F.feature_summary(ws, record, feature_id)  # checks the id and the analysis first
+        every = F.examples(ws, record, feature_id, band=None, limit=N_TOP + N_BANDS * PER_BAND)
         return {
             "sae": record,
             "summary": summary,
-            "top": F.examples(ws, record, feature, band=-1, limit=N_TOP),
+            "top": F.examples(ws, record, feature_id, band=-1, limit=N_TOP),
             "bands": {b: [e for e in every if e.band == b] for b in range(N_BANDS - 1, -1, -1)},
-            "logits": F.logit_effects(ws, record, feature),
-            "related": F.related_features(ws, record, feature),
+            "logits": F.logit_effects(ws, record, feature_id),
+            "related": F.related_features(ws, record, feature_id),
         }
 
 
-def feature(path: str, sae: str, feature_id: int) -> dict:
-    """Everything the feature page shows: summary, top and band examples, logit effects, neighbours."""
-    return _feature(path, stamp(path), sae, int(feature_id))
-
-
-@st.cache_data(show_spinner=False, max_entries=256)
-def _search(path: str, version: tuple, sae: str, pattern: str) -> list[dict]:
-    from workbench.workspace import resolve_sae
+@per_workspace_version(max_entries=256)
+def search(path: str, sae: str, pattern: str) -> list[dict]:
+    """Features ranked by F1 of "fires" against "token matches pattern" (``search_by_pattern``)."""
     from workbench.features import search_by_pattern
 
     with _open(path) as ws:
         return search_by_pattern(ws, resolve_sae(ws, sae), pattern)
 
 
-def search(path: str, sae: str, pattern: str) -> list[dict]:
-    """Features ranked by F1 of "fires" against "token matches pattern" (``search_by_pattern``)."""
-    return _search(path, stamp(path), sae, pattern)
-
-
-@st.cache_data(show_spinner=False, max_entries=32)
-def _densities(path: str, version: tuple) -> dict[str, list[float]]:
-    from workbench.workspace import resolve_sae
+@per_workspace_version(max_entries=32)
+def densities(path: str) -> dict[str, list[float]]:
+    """Every feature's firing density per SAE name (empty for SAEs not analysed yet)."""
     from workbench.features import density_histogram
 
     with _open(path) as ws:
@@ -160,20 +157,11 @@ def _densities(path: str, version: tuple) -> dict[str, list[float]]:
         return {name: density_histogram(ws, resolve_sae(ws, name)) for name in names}
 
 
-def densities(path: str) -> dict[str, list[float]]:
-    """Every feature's firing density per SAE name (empty for SAEs not analysed yet)."""
-    return _densities(path, stamp(path))
-
-
-@st.cache_data(show_spinner=False, max_entries=64)
-def _model_name(path: str, version: tuple, run_id: int) -> str:
-    with _open(path) as ws:
-        return ws.run_model(run_id)
-
-
+@per_workspace_version(max_entries=64)
 def model_name(path: str, run_id: int) -> str:
     """The model a cache run used (what ``load_model`` takes)."""
-    return _model_name(path, stamp(path), run_id)
+    with _open(path) as ws:
+        return ws.run_model(run_id)
 
 
 # -- live inference (prompt inspector) --------------------------------------------------------
@@ -222,8 +210,9 @@ def check_steering(path: str, spec_json: str) -> None:
         check_spec(spec, ws)
 
 
-@st.cache_data(show_spinner=False, max_entries=64)
-def _feature_scales(path: str, version: tuple, sae: str) -> dict:
+@per_workspace_version(max_entries=64)
+def feature_scales(path: str, sae: str) -> dict:
+    """Each feature's σ (``feature_max``, ``feature_p99`` lists) and where it was read (``source``)."""
     from workbench.steering import feature_scale_stats, load_steering_sae
 
     with _open(path) as ws:
@@ -232,41 +221,27 @@ def _feature_scales(path: str, version: tuple, sae: str) -> dict:
     return {"feature_max": stats.max.tolist(), "feature_p99": stats.p99.tolist(), "source": stats.source}
 
 
-def feature_scales(path: str, sae: str) -> dict:
-    """Each feature's σ (``feature_max``, ``feature_p99`` lists) and where it was read (``source``)."""
-    return _feature_scales(path, stamp(path), sae)
-
-
-@st.cache_data(show_spinner="Generating baseline and steered continuations…", max_entries=32)
-def _steer_generate(path: str, version: tuple, model_ref: str, spec_json: str, prompt: str, max_new_tokens: int,
-                    seed: int, temperature: float) -> dict:
+@per_workspace_version(max_entries=32, show_spinner="Generating baseline and steered continuations…")
+def steer_generate(path: str, model_ref: str, spec_json: str, prompt: str, max_new_tokens: int, seed: int,
+                   temperature: float) -> dict:
+    """``steering.generate``: the prompt's baseline and steered continuations with the same seed."""
     from workbench.steering import SteeringSpec, generate
 
     spec = SteeringSpec.from_json(spec_json)
     loaded = model(model_ref)
     with _inference_lock(), _open(path) as ws:
-        gen = generate(loaded, prompt, spec, max_new_tokens=max_new_tokens, seed=seed, temperature=temperature, ws=ws)
+        gen = generate(loaded, prompt, spec, max_new_tokens=int(max_new_tokens), seed=int(seed),
+                       temperature=float(temperature), ws=ws)
     return gen._asdict()
 
 
-def steer_generate(path: str, model_ref: str, spec_json: str, prompt: str, max_new_tokens: int, seed: int,
-                   temperature: float) -> dict:
-    """``steering.generate``: the prompt's baseline and steered continuations with the same seed."""
-    return _steer_generate(path, stamp(path), model_ref, spec_json, prompt, int(max_new_tokens), int(seed), float(temperature))
-
-
-@st.cache_data(show_spinner="Sweeping strengths…", max_entries=16)
-def _steer_sweep(path: str, version: tuple, model_ref: str, spec_json: str, strengths: tuple[float, ...], prompt: str,
-                 n_neutral: int) -> list[dict]:
+@per_workspace_version(max_entries=16, show_spinner="Sweeping strengths…")
+def steer_sweep(path: str, model_ref: str, spec_json: str, strengths: tuple[float, ...], prompt: str, n_neutral: int) -> list[dict]:
+    """``steering.sweep`` of the spec over ``strengths`` on the prompt and the first ``n_neutral`` built-in neutral texts."""
     from workbench.steering import NEUTRAL_TEXTS, SteeringSpec, sweep
 
     spec = SteeringSpec.from_json(spec_json)
     loaded = model(model_ref)
     with _inference_lock(), _open(path) as ws:
-        rows = sweep(loaded, spec, strengths, [prompt], NEUTRAL_TEXTS[:n_neutral], ws=ws)
+        rows = sweep(loaded, spec, tuple(float(s) for s in strengths), [prompt], NEUTRAL_TEXTS[:int(n_neutral)], ws=ws)
     return [{"strength": r.strength, **r.metrics} for r in rows]
-
-
-def steer_sweep(path: str, model_ref: str, spec_json: str, strengths: tuple[float, ...], prompt: str, n_neutral: int) -> list[dict]:
-    """``steering.sweep`` of the spec over ``strengths`` on the prompt and the first ``n_neutral`` built-in neutral texts."""
-    return _steer_sweep(path, stamp(path), model_ref, spec_json, tuple(float(s) for s in strengths), prompt, int(n_neutral))

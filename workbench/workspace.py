@@ -270,3 +270,15 @@ def resolve_sae(ws: Workspace, ref: str | int) -> SAERecord:
         raise WorkspaceError(f"no SAE '{ref}' in {ws.path.name}; available: {listing}")
     sae_id, name, run_id, hook, arch, width, d_in, path = rows[0]
     return SAERecord(int(sae_id), name, int(run_id), hook, arch, int(width), int(d_in), Path(path))
+
+
+def change_stamp(path: str | Path) -> tuple[int, int]:
+    """Modification times (ns) of a workspace's database file and its write-ahead log, 0 for a missing one:
+    equal stamps mean an unchanged workspace, so callers key their caches of its contents on it."""
+    out = []
+    for file in (Path(path), Path(str(path) + ".wal")):
+        try:
+            out.append(file.stat().st_mtime_ns)
+        except OSError:
+            out.append(0)
+    return tuple(out)

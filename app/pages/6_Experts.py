@@ -3,13 +3,16 @@
 import streamlit as st
 
 from app import cached
+from app import experts_data as reads
+from app import experts_figures as figures
 from app import experts_view as view
+from probes.moe_request import KIND_LABELS
 
 st.set_page_config(page_title="Experts", page_icon="🧩", layout="wide")
 st.title("Experts")
 
 path = cached.workspace_path()
-data = cached.call(view.experts, path)
+data = cached.call(reads.experts, path)
 if not data["runs"] and not data["probes"]:
     st.info("No expert or probing results in this workspace yet: run `workbench moe run --db WORKSPACE --sae SAE` "
             "(MoEfies the default model's MLP at the SAE's layer and compares experts, SAE latents and neurons) "
@@ -18,7 +21,7 @@ if not data["runs"] and not data["probes"]:
 
 
 def label(kind: str) -> str:
-    return view.KIND_LABELS.get(kind, kind)
+    return KIND_LABELS.get(kind, kind)
 
 
 def moe_run(run: dict) -> None:
@@ -30,7 +33,7 @@ def moe_run(run: dict) -> None:
         st.caption(f"ℹ️ {notice}")
 
     if run["curve"]:
-        st.plotly_chart(view.curve_figure(run["curve"], run["n_experts"], run["source"], run["k"]), key=f"curve-{rid}")
+        st.plotly_chart(figures.curve_figure(run["curve"], run["n_experts"], run["source"], run["k"]), key=f"curve-{rid}")
         if router:
             st.caption(f"Every MoE layer re-routed top-k by the model's own rule; k = {run['k']} is the model itself.")
 
@@ -45,16 +48,16 @@ def moe_run(run: dict) -> None:
                "normalised by min(H(E), H(group)).")
     left, right = st.columns(2)
     with left:
-        st.plotly_chart(view.comparison_figure(run["comparison"], grouping), key=f"comparison-{rid}-{grouping}")
+        st.plotly_chart(figures.comparison_figure(run["comparison"], grouping), key=f"comparison-{rid}-{grouping}")
     with right:
-        st.plotly_chart(view.shares_figure(run["groups"], grouping), key=f"shares-{rid}-{grouping}")
+        st.plotly_chart(figures.shares_figure(run["groups"], grouping), key=f"shares-{rid}-{grouping}")
 
     st.header("Expert × group heatmap")
     units = list(dict.fromkeys((r["kind"], r["layer"]) for r in run["comparison"]))
     labels = {f"{label(kind)}, layer {layer}": (kind, layer) for kind, layer in units}
     kind, layer = labels[st.selectbox("Experts", list(labels), key=f"heatmap-units-{rid}")]
-    stored = cached.call(view.mass, path, rid, layer, kind, grouping)
-    fig, shown = view.heatmap_figure(stored["mass"], stored["experts"], f"p({grouping} | expert): {label(kind)}")
+    stored = cached.call(reads.mass, path, rid, layer, kind, grouping)
+    fig, shown = figures.heatmap_figure(stored["mass"], stored["experts"], f"p({grouping} | expert): {label(kind)}")
     st.plotly_chart(fig, key=f"heatmap-{rid}")
     total = len(stored["experts"])
     if shown < total:
@@ -63,7 +66,7 @@ def moe_run(run: dict) -> None:
     # -- masking selectivity ----------------------------------------------------------------------
     if run["selectivity"]:
         st.header("Masking selectivity")
-        groupings, budgets = view.selection_pairs(run["selectivity"])
+        groupings, budgets = reads.selection_pairs(run["selectivity"])
         left, right = st.columns(2)
         with left:
             targets = st.radio("Targets and measured groups", groupings, horizontal=True, key=f"sel-grouping-{rid}")
@@ -72,7 +75,7 @@ def moe_run(run: dict) -> None:
         st.caption("Each row removes units chosen for one target (on separate fit tokens) in every studied layer and "
                    f"measures the change of next-token loss on every {targets}, against the kind's own baseline; "
                    "selectivity = ΔTarget − mean ΔOthers.")
-        st.caption(view.budget_caption(budget, run["config"]))
+        st.caption(reads.budget_caption(budget, run["config"]))
         rows = [r for r in run["selectivity"] if (r["grouping"], r["budget"]) == (targets, budget)]
         kinds = list(dict.fromkeys(r["kind"] for r in rows))
         if not kinds:
@@ -81,14 +84,14 @@ def moe_run(run: dict) -> None:
             columns = st.columns(min(len(kinds), 2))
             for i, kind in enumerate(kinds):
                 with columns[i % len(columns)]:
-                    st.plotly_chart(view.selectivity_figure(rows, kind, targets, budget),
+                    st.plotly_chart(figures.selectivity_figure(rows, kind, targets, budget),
                                     key=f"selectivity-{rid}-{kind}-{targets}-{budget}")
-            st.dataframe(view.selectivity_table(rows, view.units_per_kind(run["comparison"]), targets, budget),
+            st.dataframe(reads.selectivity_table(rows, reads.units_per_kind(run["comparison"]), targets, budget),
                          hide_index=True)
 
     # -- concept purge ----------------------------------------------------------------------------
     st.header("Concept purge")
-    concepts = view.purge_concepts(run["purge"])
+    concepts = reads.purge_concepts(run["purge"])
     if not concepts:
         st.info("No concept purge in this run (runs stored before the purge was measured have none): rerun "
                 "`workbench moe run` to measure it.")
@@ -102,13 +105,13 @@ def moe_run(run: dict) -> None:
             concept = st.selectbox("Concept", concepts, key=f"purge-concept-{rid}")
         with right:
             log_x = st.checkbox("log share axis", key=f"purge-log-{rid}", help="points that remove nothing are not drawn")
-        st.plotly_chart(view.purge_figure(run["purge"], concept, log_x), key=f"purge-{rid}")
+        st.plotly_chart(figures.purge_figure(run["purge"], concept, log_x), key=f"purge-{rid}")
         kinds = {label(kind): kind for kind in dict.fromkeys(r["kind"] for r in run["comparison"])}
         kind = kinds[st.selectbox("Most correlated units of", list(kinds), key=f"purge-kind-{rid}")]
         taus = sorted({r["tau"] for r in run["purge"] if (r["kind"], r["concept"]) == (kind, concept)}) or None
-        top = cached.call(view.correlation, path, rid, kind, concept)
+        top = cached.call(reads.correlation, path, rid, kind, concept)
         if top:
-            st.dataframe(view.correlation_table(top, kind, taus), hide_index=True)
+            st.dataframe(reads.correlation_table(top, kind, taus), hide_index=True)
             st.caption(f"The {len(top)} {label(kind)} with the largest ρ with '{concept}' (Pearson correlation of the unit's "
                        "score with the concept's indicator, on the fit tokens)"
                        + ("; 'removed from τ': the largest threshold whose purge removes it." if taus else "."))
@@ -119,13 +122,13 @@ def moe_run(run: dict) -> None:
     st.header("Per-token routing")
     layers = run["layers"]
     layer = st.selectbox("Layer", layers, key=f"route-layer-{rid}") if len(layers) > 1 else layers[0]
-    contexts = cached.call(view.route_contexts, path, rid, layer)
+    contexts = cached.call(reads.route_contexts, path, rid, layer)
     if not contexts:
         st.info(f"No routes stored for layer {layer} of this run.")
         return
     rows = {f"context {c['row']} · {c['grp'] or 'no domain'} · {c['tokens']} tokens": c["row"] for c in contexts}
     row = rows[st.selectbox("Evaluation context", list(rows), key=f"route-row-{rid}-{layer}")]
-    context = cached.call(view.route_context, path, rid, layer, row, run["model"])
+    context = cached.call(reads.route_context, path, rid, layer, row, run["model"])
     left, right = st.columns([1, 3])
     with left:
         highlight_on = st.checkbox("Highlight one expert", key=f"route-highlight-on-{rid}")
@@ -150,7 +153,7 @@ def moe_run(run: dict) -> None:
 
 
 if data["runs"]:
-    runs = {view.run_label(r): r for r in data["runs"]}
+    runs = {reads.run_label(r): r for r in data["runs"]}
     moe_run(runs[st.selectbox("MoE run", list(runs), index=len(runs) - 1, key="moe-run")])
 
 st.header("Sparse probing")
@@ -159,7 +162,7 @@ if not data["probes"]:
 else:
     st.caption("SAEBench sparse probing: test accuracy of logistic regression on the k SAE latents (or raw residual "
                "dimensions) with the largest class-mean difference, and of a full linear probe on the residual.")
-    st.dataframe(view.probing_table(data["probe_rows"]), hide_index=True)
+    st.dataframe(reads.probing_table(data["probe_rows"]), hide_index=True)
     for probe in data["probes"]:
         for notice in probe["skipped"]:
             st.caption(f"{probe['sae']}: {notice}")

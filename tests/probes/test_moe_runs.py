@@ -291,7 +291,7 @@ def test_a_moe_model_is_routed_by_its_own_routers(tmp_path, main, capsys, tiny_m
     assert "curve k=5 is out of range; choose 1 ≤ k ≤ 4" in bad(main, [*run, "--curve", "5"], capsys)
     assert main(run) == 0
     out = capsys.readouterr().out
-    assert "mixtral MoE: E=4, top-2" in out and "masking selectivity, MoE experts (router)" in out
+    assert "mixtral MoE: E=4, top-2" in out and "masking selectivity, MoE experts" in out
     with Workspace(db, read_only=True) as ws:
         (stored,) = moe_records.runs(ws)
         assert stored["source"] == "router" and stored["layers"] == [0, 1] and (stored["n_experts"], stored["k"]) == (4, 2)
@@ -328,8 +328,8 @@ def test_bad_input_is_one_line_and_writes_no_rows(moe_db, moefied_run, main, cap
     assert "layer 5 is out of range: LlamaForCausalLM has layers 0..1" in bad(main, [*run, "--layer", "5"], capsys)
     assert f"no SAE 'nope' in bad.duckdb; available: 1:{SAE}" in bad(main, [*run, "--sae", "nope"], capsys)
     assert "argument --mask: invalid choice: 'latent'" in bad(main, [*run, "--mask", "latent"], capsys)
-    assert "unknown concept 'emoji'" in bad(main, [*run, "--concept", "emoji"], capsys)
-    assert "unknown masking budget 'equal'; valid: skew, matched" in bad(main, [*run, "--budget", "equal"], capsys)
+    assert "argument --concept: invalid choice: 'emoji'" in bad(main, [*run, "--concept", "emoji"], capsys)
+    assert "argument --budget: invalid choice: 'equal'" in bad(main, [*run, "--budget", "equal"], capsys)
     assert "--matched-share must be in (0, 1), got 1.0" in bad(main, [*run, "--matched-share", "1"], capsys)
     assert "--purge-tau 1.5 is out of range; a correlation threshold is in [-1, 1)" in bad(
         main, [*run, "--purge-tau", "1.5"], capsys)

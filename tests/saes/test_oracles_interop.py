@@ -5,14 +5,14 @@ import json
 import pytest
 import torch
 
+# sae-lens is a runtime dependency (pyproject.toml): were it missing, these tests must fail, not skip
+from sae_lens import SAE
+from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
+from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
+from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
+
 from saes import SAEConfig, architecture_names, build, load_sae, save_sae
 from saes.errors import SAEError, SAELoadError
-
-sae_lens = pytest.importorskip("sae_lens")  # a dev dependency; always installed in this project
-from sae_lens import SAE  # noqa: E402
-from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig  # noqa: E402
-from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig  # noqa: E402
-from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig  # noqa: E402
 
 D, W, K = 32, 128, 4
 

@@ -32,6 +32,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from workbench.workspace import change_stamp
+
 from .sources import decoder_vectors, encoder, origin
 from .spec import SteeringError
 
@@ -66,7 +68,7 @@ def feature_scale_stats(ws, sae, hook: str, *, max_tokens: int = SCALE_TOKENS, s
     if source not in SOURCES:
         raise SteeringError(f"feature scale source must be one of {', '.join(SOURCES)}, got {source!r}")
     per_sae = _SCALES.setdefault(sae, {})
-    key = (str(ws.path), _mtime(ws.path), hook, max_tokens, source)
+    key = (str(ws.path), change_stamp(ws.path), hook, max_tokens, source)
     if key in per_sae:
         return per_sae[key]
     stats = None
@@ -80,16 +82,6 @@ def feature_scale_stats(ws, sae, hook: str, *, max_tokens: int = SCALE_TOKENS, s
         stats = _from_cache(ws, sae, hook, max_tokens)
     per_sae[key] = stats
     return stats
-
-
-def _mtime(path) -> tuple[int, int]:
-    out = []
-    for file in (Path(path), Path(str(path) + ".wal")):
-        try:
-            out.append(file.stat().st_mtime_ns)
-        except OSError:
-            out.append(0)
-    return tuple(out)
 
 
 def analysed_sae_id(ws, sae, hook: str) -> int | None:

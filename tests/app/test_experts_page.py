@@ -23,7 +23,8 @@ TAUS = (0.3, 0.1)
 @pytest.fixture(scope="module")
 def experts_db(tmp_path_factory, tiny, tiny_mixtral) -> Path:
     from data import load_corpus
-    from probes.moe_runs import MoeRequest, run_moe
+    from probes.moe_request import MoeRequest
+    from probes.moe_runs import run_moe
     from workbench.caching import ActivationCacher, CacheRequest
 
     root = tmp_path_factory.mktemp("experts_page")
