@@ -15,6 +15,7 @@ demo: $(STAMP)
 	$(BIN)/workbench demo
 
 test: $(STAMP) | $(CHROMEDRIVER)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
 install: $(STAMP)

@@ -63,7 +63,8 @@ def examples_html(examples, vmax: float) -> str:
 def legend_html(vmax: float) -> str:
     steps = [0.25, 0.5, 0.75, 1.0]
     cells = token_spans([f" {vmax * s:.2f} " for s in steps], [vmax * s for s in steps], vmax)
-    return f'<div style="font-size:0.8rem;color:#666">activation scale: {cells} (hover a token for its value; outlined: the example\'s token)</div>'
+    return (f'<div style="font-size:0.8rem;color:#666">activation scale: {cells} '
+            '(hover a token for its value; outlined: the example\'s token)</div>')
 
 
 # -- figures ----------------------------------------------------------------------------------

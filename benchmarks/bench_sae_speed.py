@@ -1,8 +1,10 @@
 """Side-by-side SAE training speed on this CPU: the project's TopK vs sae-lens's TopK vs eai-sparsify.
 
 Same process, same data, same steps, same lr, interleaved step by step (each step of
-`saes.train` is followed by one step of each competitor) so the shared CPU's load hits all alike: d_in 576, width 4608, k 32, batch 4096 (defaults).
-Reports steady-state tokens/s (first 2 steps and data-dependent init excluded), the FVU each reaches on held-out tokens after the same tokens, the ratios, and
+`saes.train` is followed by one step of each competitor) so the shared CPU's load hits all alike:
+d_in 576, width 4608, k 32, batch 4096 (defaults).
+Reports steady-state tokens/s (first 2 steps and data-dependent init excluded), the FVU each reaches
+on held-out tokens after the same tokens, the ratios, and
 the project's Feature Choice / Mutual Choice step time relative to its TopK.
 
     python benchmarks/bench_sae_speed.py [--steps 30] [--repeats 1] [--json out.json]
@@ -90,7 +92,8 @@ class SaeLensStepper:
     def step(self, x):
         from sae_lens.saes.sae import TrainStepInput
 
-        out = self.sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=self.dead, n_training_steps=self.i, is_logging_step=False))
+        out = self.sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=self.dead,
+                                                            n_training_steps=self.i, is_logging_step=False))
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
         self.opt.step()
@@ -150,7 +153,8 @@ def lockstep_vs_trainer(cfg, batches, lr, held, others):
             yield x
 
     sc = SAEConfig(d_in=cfg.d, width=cfg.width, k=cfg.k, arch="topk")
-    tc = TrainConfig(lr=lr, batch_size=cfg.batch, total_tokens=cfg.batch * cfg.steps, warmup_steps=0, decay_fraction=0.0, progress_bar=False, bf16_autocast=True, log_every=10**9, b_dec_init_tokens=cfg.batch)
+    tc = TrainConfig(lr=lr, batch_size=cfg.batch, total_tokens=cfg.batch * cfg.steps, warmup_steps=0, decay_fraction=0.0,
+                     progress_bar=False, bf16_autocast=True, log_every=10**9, b_dec_init_tokens=cfg.batch)
     res = train(sc, tc, batches_iter())
     times["ours_topk_bf16 (saes.train)"] += time.perf_counter() - clock["last"]
     n_timed = cfg.steps - WARM
@@ -187,7 +191,8 @@ def main(argv=None):
     lr = 2e-4 / math.sqrt(cfg.width / 2**14)
     batches, held = make_data(cfg.d, 4 * cfg.width, cfg.k // 2, cfg.batch, 4)
     tok = cfg.batch
-    print(f"threads={torch.get_num_threads()} d_in={cfg.d} width={cfg.width} k={cfg.k} batch={cfg.batch} steps={cfg.steps} (first {WARM} untimed) lr={lr:.2e}")
+    print(f"threads={torch.get_num_threads()} d_in={cfg.d} width={cfg.width} k={cfg.k} batch={cfg.batch} "
+          f"steps={cfg.steps} (first {WARM} untimed) lr={lr:.2e}")
     rows: dict[str, dict[str, float]] = {}
     for r in range(cfg.repeats):
         others = {}

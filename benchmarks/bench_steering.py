@@ -206,7 +206,8 @@ def main() -> None:
             base_median, base_best = rates["no hooks"]
             for name, (median, best) in rates.items():
                 call = f"{hook_call_us(configs[name][0][1], ref.sae.cfg.d_in):8.0f} µs/call" if configs[name] else ""
-                print(f"  {name:<11} median {median:7.1f} ({median / base_median:.2f}×)   best {best:7.1f} ({best / base_best:.2f}×) {call}")
+                print(f"  {name:<11} median {median:7.1f} ({median / base_median:.2f}×)   "
+                      f"best {best:7.1f} ({best / base_best:.2f}×) {call}")
         finally:
             ws.close()
 

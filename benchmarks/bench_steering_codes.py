@@ -155,7 +155,8 @@ def main() -> None:
         try:
             (hook, model_name) = ws.query("SELECT h.hook, r.model FROM run_hooks h JOIN runs r USING (run_id) ORDER BY r.run_id LIMIT 1")[0]
             tag = hashlib.sha1(str(args.db.resolve()).encode()).hexdigest()[:8]
-            out = args.out or Path(tempfile.gettempdir()) / "workbench-bench" / f"{args.db.stem}-{tag}-codebook-n{args.width}-k{args.k}-t{args.tokens}"
+            out = args.out or Path(tempfile.gettempdir()) / "workbench-bench" / (f"{args.db.stem}-{tag}-codebook-"
+                                                                                 f"n{args.width}-k{args.k}-t{args.tokens}")
             cb, label, how = find_codebook(ws, hook, args, out)
             cb.eval()
             held_out = iter_activations(ws, hook, 4096, seed=0, split="test", drop_last=False)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from probes.experts import concept_masks, exclusive_labels
+from probes.concepts import concept_masks, exclusive_labels
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """One adapter per kind of unit a `workbench moe run` compares, and one per source of experts.
 
-The units of every kind are scored per token as ``probes.experts`` expects (g ≥ 0, 0 when not
+The units of every kind are scored per token as ``probes.score_matrix`` expects (g ≥ 0, 0 when not
 selected):
 
     moe      a Hugging Face MoE's own routers      g_e = routing weight of a selected expert

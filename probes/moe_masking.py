@@ -25,7 +25,10 @@ import numpy as np
 import torch
 
 from probes import domains as dom
-from probes.experts import OTHER, ExpertSummary, purge_curve, selectivity_matrix
+from probes.concept_purge import purge_curve
+from probes.concepts import OTHER
+from probes.expert_masking import selectivity_matrix
+from probes.expert_summary import ExpertSummary
 from probes.moe_groups import TokenGroups
 from probes.moe_kinds import UNIT_KINDS
 from probes.moe_request import GROUPINGS, MoeRequest

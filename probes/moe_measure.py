@@ -36,7 +36,8 @@ import numpy as np
 import torch
 
 from probes import domains as dom
-from probes.experts import ExpertSummary, concept_correlation, summarise
+from probes.concept_purge import concept_correlation
+from probes.expert_summary import ExpertSummary, summarise
 from probes.moe_capture import Intervention, Pass, run_forward
 from workbench.hooks import Capture
 from probes.moe_groups import TokenGroups

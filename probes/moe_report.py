@@ -28,7 +28,8 @@ def describe(run: dict, comparison: list[dict], curve: list[dict], selectivity: 
         parts = [f"k={c['k']}: {c['loss']:.3f} ({c['loss'] - dense:+.3f})" for c in curve if c["grp"] == "all"]
         lines.append(f"k vs loss (all domains; {reference} {dense:.3f}): " + ", ".join(parts))
     lines.append("comparison (means over live experts; purity with per-group-normalised mass):")
-    head = f"  {'kind':<8} {'layer':>5} {'grouping':<8} {'experts':>7} {'dead':>5} {'specialised':>11} {'entropy':>7} {'purity':>6} {'MI nats':>7} {'MI norm':>7}"
+    head = (f"  {'kind':<8} {'layer':>5} {'grouping':<8} {'experts':>7} {'dead':>5} "
+            f"{'specialised':>11} {'entropy':>7} {'purity':>6} {'MI nats':>7} {'MI norm':>7}")
     lines.append(head)
     for row in comparison:
         lines.append(f"  {row['kind']:<8} {row['layer']:>5} {row['grouping']:<8} {row['experts']:>7} {row['dead']:>5} "

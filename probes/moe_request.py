@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from probes.experts import _check_concepts
+from probes.concepts import _check_concepts
 from probes.moefy import check_experts, check_k
 from probes.neurons import MLPSite, architecture_name, mlp_sites
 from probes.routing import RouterSpec, check_layers, expert_source, router_spec
@@ -71,7 +71,7 @@ class MoeRequest:
     purge_taus: tuple[float, ...] = DEFAULT_PURGE_TAUS
     """concept purge thresholds: remove the experts whose correlation ρ with the concept exceeds τ"""
     concepts: tuple[str, ...] | None = None
-    """token concepts (default: all of probes.experts.CONCEPTS)"""
+    """token concepts (default: all of probes.concepts.CONCEPTS)"""
     device: str | None = None
 
     def __post_init__(self):

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from probes import domains as dom
-from probes.experts import ExpertSummary, SelectivityMatrix
+from probes.expert_masking import SelectivityMatrix
+from probes.expert_summary import ExpertSummary
 from probes.moe_request import MoeRequest, Plan
 
 

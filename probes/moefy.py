@@ -297,7 +297,7 @@ def route(acts: torch.Tensor, partition: Partition, k: int) -> tuple[torch.Tenso
 
 
 def topk_scores(scores: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
-    """Scores (..., E) with 0 for unselected experts: the g_e(x) that probes.experts expects."""
+    """Scores (..., E) with 0 for unselected experts: the g_e(x) that probes.score_matrix expects."""
     return torch.zeros_like(scores).scatter_(-1, selected, scores.gather(-1, selected))
 
 

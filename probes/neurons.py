@@ -77,7 +77,8 @@ def mlp_sites(model) -> list[MLPSite]:
             found = sorted(n for n, _ in mlp.named_children() if not n.startswith(("hook_", "_"))) if mlp is not None else []
             raise NeuronSiteError(
                 f"{arch} has no per-neuron MLP activations at {where} in block {layer} "
-                f"(its MLP is {type(mlp).__name__} with: {', '.join(found) or 'no submodules'}); sparsity probes need a dense gated or plain MLP"
+                f"(its MLP is {type(mlp).__name__} with: {', '.join(found) or 'no submodules'}); "
+                "sparsity probes need a dense gated or plain MLP"
             )
         projection = getattr(out, "original_component", out)
         d_mlp = _d_mlp(mlp, projection)

@@ -269,8 +269,8 @@ class RoutingRecorder:
         return Routing(torch.cat([p.indices for p in parts]), torch.cat([p.weights for p in parts]))
 
     def scores(self, layer: int) -> torch.Tensor:
-        """G (n, E): the routing weight of each selected expert, 0 elsewhere (probes.experts' g_e(x))."""
-        from probes.experts import dense_scores
+        """G (n, E): the routing weight of each selected expert, 0 elsewhere (probes.score_matrix' g_e(x))."""
+        from probes.score_matrix import dense_scores
 
         r = self.routing(layer)
         return dense_scores(r.indices, r.weights, self.spec.n_experts)

@@ -34,7 +34,8 @@ class Selection(NamedTuple):
     valid: Tensor | None
     """(B, K) bool, False on padding slots; None when every slot is real (TopK)."""
     threshold_stat: Tensor | None = None
-    """Per-batch statistic the inference threshold EMA tracks: () smallest selected value, or (F,) m_i-th largest per feature (NaN when m_i = 0)."""
+    """Per-batch statistic the inference threshold EMA tracks: () smallest selected value,
+    or (F,) m_i-th largest per feature (NaN when m_i = 0)."""
 
 
 class Latents(NamedTuple):
@@ -58,7 +59,8 @@ class ForwardOutput(NamedTuple):
     latents: Latents
     """Sparse latents (values, indices); `.to_dense(width)` gives (B, F)."""
     losses: dict[str, Tensor]
-    """Unweighted loss terms: `nmse` (normalised MSE = batch FVU) and `aux` (AuxK / aux_zipf; 0 if unused). The codebook adds `codebook_mse` (already weighted by λ)."""
+    """Unweighted loss terms: `nmse` (normalised MSE = batch FVU) and `aux` (AuxK / aux_zipf; 0 if unused).
+    The codebook adds `codebook_mse` (already weighted by λ)."""
     feature_counts: Tensor
     """(F,) number of tokens on which each latent fired (> cfg.fire_threshold) in this batch."""
     threshold_stat: Tensor | None

@@ -30,7 +30,8 @@ class SAEConfig:
 
     # --- auxiliary losses -------------------------------------------------------------------
     aux_loss: Literal["auxk", "zipf", "none"] = "auxk"
-    """Which latents the auxiliary top-k loss revives: `auxk` = dead latents (Gao et al.), `zipf` = under-used latents (aux_zipf, project's reading of Ayonrinde 2024)."""
+    """Which latents the auxiliary top-k loss revives: `auxk` = dead latents (Gao et al.),
+    `zipf` = under-used latents (aux_zipf, project's reading of Ayonrinde 2024)."""
     k_aux: int | None = None
     """Latents per token in the auxiliary loss; None -> largest power of two <= d_in/2 (choice)."""
     aux_scale_by_dead: bool = True
@@ -60,7 +61,8 @@ class SAEConfig:
 
     # --- input handling / init ----------------------------------------------------------------
     normalize_inputs: bool = True
-    """(choice) scale inputs by one constant so that E||x||^2 = d_in (SAELens expected_average_only_in); stored with the SAE, undone on decode."""
+    """(choice) scale inputs by one constant so that E||x||^2 = d_in (SAELens expected_average_only_in);
+    stored with the SAE, undone on decode."""
     b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
     """b_dec initialisation from a sample of activations."""
 

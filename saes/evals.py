@@ -86,7 +86,8 @@ def zero_patch(acts: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def downstream_metrics(run_loss: Callable[[Callable[[Tensor], Tensor] | None], Any], sae: torch.nn.Module | None = None, *, patch: Callable[[Tensor], Tensor] | None = None) -> dict[str, float]:
+def downstream_metrics(run_loss: Callable[[Callable[[Tensor], Tensor] | None], Any], sae: torch.nn.Module | None = None, *,
+                       patch: Callable[[Tensor], Tensor] | None = None) -> dict[str, float]:
     """CE clean / spliced / zero-ablated, CE loss recovered and KL(clean || spliced).
 
     run_loss(patch) runs the LM with the hooked activation replaced by patch(acts) (None = clean)

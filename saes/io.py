@@ -96,7 +96,8 @@ def _read(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     try:
         tensors = load_file(str(w_path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise SAELoadError(f"corrupted or truncated weights file {w_path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise SAELoadError(f"corrupted or truncated weights file {w_path}: "
+                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if not isinstance(cfg, dict):
         raise SAELoadError(f"{cfg_path} is not a JSON object")
     return cfg, tensors
@@ -137,7 +138,8 @@ def load_sae(directory: str | Path, expected_d_in: int | None = None) -> torch.n
     except SAEConfigError as e:
         raise SAELoadError(f"invalid config in {directory}: {e}") from None
     if (sae_cfg.d_in, sae_cfg.width) != (d_in, d_sae):
-        raise SAELoadError(f"{directory}: saes_config (d_in={sae_cfg.d_in}, width={sae_cfg.width}) disagrees with d_in={d_in}, d_sae={d_sae}")
+        raise SAELoadError(f"{directory}: saes_config (d_in={sae_cfg.d_in}, width={sae_cfg.width}) "
+                           f"disagrees with d_in={d_in}, d_sae={d_sae}")
     wp = directory / WEIGHTS_FILENAME
     # Shapes first: the config alone must not make us allocate (a cfg.json can claim any width).
     expected = {"codebook": (d_sae, d_in)} if sae_cfg.arch == "codebook" else {

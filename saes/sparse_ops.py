@@ -127,7 +127,8 @@ class GatherLinear(torch.autograd.Function):
         return grad_x, grad_bdec, grad_W, grad_b if ctx.needs_input_grad[3] else None, None, None, None
 
 
-def gather_linear(x_n: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, pre: Tensor, idx: Tensor, valid: Tensor | None = None) -> Tensor:
+def gather_linear(x_n: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, pre: Tensor, idx: Tensor,
+                  valid: Tensor | None = None) -> Tensor:
     return GatherLinear.apply(x_n, b_dec, W_enc, b_enc, pre, idx, valid)
 
 

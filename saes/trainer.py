@@ -292,7 +292,8 @@ def train(
     if ckpt_root is not None and final_step > start_step:
         _checkpoint(ckpt_root, sae, opt, sae_cfg, tc, final_step, tokens_seen, tokens_since_fired, rank, world, acc)
     sae.eval()
-    return TrainResult(sae=sae, steps=final_step, tokens=tokens_seen, last_metrics=last, resumed_from_step=start_step, dead_tokens=dead_tokens)
+    return TrainResult(sae=sae, steps=final_step, tokens=tokens_seen, last_metrics=last, resumed_from_step=start_step,
+                       dead_tokens=dead_tokens)
 
 
 def _empty_log_acc() -> dict[str, float]:
@@ -303,7 +304,8 @@ def _empty_log_acc() -> dict[str, float]:
 def _checkpoint(root: Path, sae, opt, sae_cfg: SAEConfig, tc: TrainConfig, step: int, tokens: int, tsf: torch.Tensor, rank: int, world: int,
                 log_acc: dict[str, float]) -> None:
     if rank == 0:
-        state = {"step": step, "tokens": tokens, "sae_cfg": sae_cfg.to_dict(), "train_cfg": {k: v for k, v in tc.to_dict().items() if k != "sae"}, "world_size": world,
+        state = {"step": step, "tokens": tokens, "sae_cfg": sae_cfg.to_dict(),
+                 "train_cfg": {k: v for k, v in tc.to_dict().items() if k != "sae"}, "world_size": world,
                  "log_acc": dict(log_acc)}  # Python floats: JSON writes and reads them back bit-exactly (repr)
         _save_checkpoint(root, sae, opt, state, {"tokens_since_fired": tsf})
     if world > 1:

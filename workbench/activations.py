@@ -100,7 +100,8 @@ def iter_activations(
     order a buffer at a time, and tokens are shuffled within the buffer. Each epoch visits
     every selected token exactly once in a new order (seeded by ``seed + epoch``); tokens left
     over at the end of a buffer carry into the next, and only the final remainder smaller than
-    ``batch_size`` is dropped (yielded as a last, smaller batch when ``drop_last`` is False). ``skip_bos`` leaves out position 0 (the BOS token, whose
+    ``batch_size`` is dropped (yielded as a last, smaller batch when ``drop_last`` is False).
+    ``skip_bos`` leaves out position 0 (the BOS token, whose
     residual is an outlier that SAEs should not spend latents on).
     """
     if batch_size <= 0:

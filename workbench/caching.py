@@ -252,7 +252,8 @@ class ActivationCacher:
     def _write_batch(self, run_id: int, corpus_id: int, batch: list, acts: dict[str, torch.Tensor], stored_docs: set[int]) -> None:
         L = self.request.ctx_len
         ids = np.array([(run_id << CONTEXT_ID_SHIFT) | c.index for c in batch], dtype=np.int64)  # [B]
-        contexts = pa.table({"context_id": ids, "run_id": np.full(len(batch), run_id, np.int32), "corpus_context": np.array([c.index for c in batch], np.int32)})
+        contexts = pa.table({"context_id": ids, "run_id": np.full(len(batch), run_id, np.int32),
+                             "corpus_context": np.array([c.index for c in batch], np.int32)})
         tokens = pa.table(
             {
                 "context_id": np.repeat(ids, L),

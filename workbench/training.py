@@ -223,7 +223,8 @@ def trained_saes(ws: Workspace) -> list[dict]:
     return [dict(zip(keys, r[:-1] + (json.loads(r[-1]) if r[-1] else {},))) for r in rows]
 
 
-def register_saved(ws: Workspace, directory: Path, hook: str, *, name: str | None = None, run_id: int | None = None, model=None) -> TrainedSAE:
+def register_saved(ws: Workspace, directory: Path, hook: str, *, name: str | None = None, run_id: int | None = None,
+                   model=None) -> TrainedSAE:
     """Load an SAE saved in SAELens layout (by this project or by sae-lens), check it fits the
     hook, evaluate it on the held-out split and record it in the workspace."""
     run_id = ws.resolve_hook_run(hook, run_id)

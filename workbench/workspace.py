@@ -38,6 +38,10 @@ class WorkspaceBusy(WorkspaceError):
     """Another process holds the workspace open for writing."""
 
 
+class WorkspaceNeedsMigration(WorkspaceError):
+    """An older schema, opened read-only: a writer must migrate it first."""
+
+
 _LOCK_PID = re.compile(r"PID (\d+)")
 
 
@@ -191,7 +195,7 @@ class Workspace:
         if version == SCHEMA_VERSION:
             return
         if self.read_only:
-            raise WorkspaceError(
+            raise WorkspaceNeedsMigration(
                 f"{self.path} has schema version {version}; open it once for writing to migrate it to {SCHEMA_VERSION}"
             )
         for target in range(version + 1, SCHEMA_VERSION + 1):
@@ -261,7 +265,8 @@ class SAERecord:
 def resolve_sae(ws: Workspace, ref: str | int) -> SAERecord:
     """An SAE of the workspace by name or id; the error lists the available ones."""
     rows = ws.query(
-        "SELECT sae_id, name, run_id, hook, arch, width, d_in, path FROM saes WHERE status = 'done' AND (name = ? OR CAST(sae_id AS VARCHAR) = ?)",
+        "SELECT sae_id, name, run_id, hook, arch, width, d_in, path FROM saes "
+        "WHERE status = 'done' AND (name = ? OR CAST(sae_id AS VARCHAR) = ?)",
         [str(ref), str(ref)],
     )
     if not rows:

@@ -85,7 +85,8 @@ with st.container(border=True):
             link, numbers = st.columns([1, 4])
             with link:
                 st.page_link(FEATURE_PAGE, label=f"feature {r['feature']}", query_params={"sae": sae, "feature": str(r["feature"])})
-            numbers.caption(f"F1 {r['f1']:.3f} · precision {r['precision']:.3f} · recall {r['recall']:.3f} · fired on {r['n_fired']:,} tokens")
+            numbers.caption(f"F1 {r['f1']:.3f} · precision {r['precision']:.3f} · recall {r['recall']:.3f} "
+                            f"· fired on {r['n_fired']:,} tokens")
 
 # -- the feature ---------------------------------------------------------------------------------
 view = cached.call(cached.feature, path, sae, feature_id)

@@ -8,25 +8,13 @@ import pytest
 import torch
 from sklearn.metrics import mutual_info_score
 
-from probes import experts as ex
-from probes.experts import (
-    CONCEPTS,
-    ExpertsError,
-    concept_correlation,
-    concept_groups,
-    concept_masks,
-    dense_scores,
-    mask_logits,
-    masked_routing,
-    masking_selectivity,
-    mutual_information,
-    purge_curve,
-    routing_stats,
-    selectivity_matrix,
-    specialists,
-    summarise,
-    topk_routing,
-)
+from probes import concept_purge, score_matrix
+from probes.concept_purge import concept_correlation, purge_curve
+from probes.concepts import CONCEPTS, concept_groups, concept_masks
+from probes.expert_masking import mask_logits, masked_routing, masking_selectivity, selectivity_matrix, topk_routing
+from probes.expert_metrics import mutual_information, purity, skew_ranking, specialists
+from probes.expert_summary import summarise
+from probes.score_matrix import ExpertsError, dense_scores, routing_stats
 
 NAMES = ["code", "empty", "prose", "math"]  # "empty" gets no tokens
 
@@ -56,7 +44,7 @@ def test_hand_built_router_gives_the_known_masses_specialists_and_purity():
     assert s.specialised_in("math").tolist() == [3] and s.specialised_in("code").tolist() == [0]
     # purity: p(d|e) ∝ n_d r_{e,d}; e2 has joint mass 9, 8, 5
     np.testing.assert_allclose(s.purity, [1, 1, 9 / 22, 1])
-    np.testing.assert_allclose(ex.purity(s.mass, s.counts, balanced=True), [1, 1, 0.5 / 1.2, 1])
+    np.testing.assert_allclose(purity(s.mass, s.counts, balanced=True), [1, 1, 0.5 / 1.2, 1])
     # entropy of p(e|d) = the routing weights themselves, over log 4
     h = lambda *p: -sum(x * math.log(x) for x in p) / math.log(4)
     np.testing.assert_allclose(s.entropy, [h(0.7, 0.3), h(0.6, 0.4), h(0.5, 0.5)])
@@ -70,16 +58,16 @@ def test_skew_ranking_orders_an_experts_own_group_by_its_ratio_to_the_runner_up(
     ])
     # group 0: expert 2 has no other mass (ratio ∞), then 0 (0.9/0.3 = 3, more mass first), then 1 (0.6/0.2 = 3);
     # experts 4 and 5 tie between groups 0 and 1 and so belong to neither
-    assert ex.skew_ranking(mass, 0).tolist() == [2, 0, 1]
-    assert ex.skew_ranking(mass[:, [4, 5]], 1).tolist() == []
-    assert ex.skew_ranking(mass, 1).tolist() == [3]
-    assert ex.skew_ranking(mass, 2).tolist() == []
-    scores = ex.dense_scores(torch.tensor([[0], [1], [1]]), torch.tensor([[1.0], [1.0], [1.0]]), 6)  # (3 tokens, 6)
+    assert skew_ranking(mass, 0).tolist() == [2, 0, 1]
+    assert skew_ranking(mass[:, [4, 5]], 1).tolist() == []
+    assert skew_ranking(mass, 1).tolist() == [3]
+    assert skew_ranking(mass, 2).tolist() == []
+    scores = dense_scores(torch.tensor([[0], [1], [1]]), torch.tensor([[1.0], [1.0], [1.0]]), 6)  # (3 tokens, 6)
     summary = summarise(scores, torch.tensor([0, 1, 0]), ["a", "b"])  # expert 1: mass 0.5 on a, 1.0 on b
     assert summary.most_specialised_in("a", 3).tolist() == [0] and summary.most_specialised_in("b", 3).tolist() == [1]
     assert summary.most_specialised_in("b", 0).size == 0
-    with pytest.raises(ex.ExpertsError, match="group 3 is out of range for 3 groups"):
-        ex.skew_ranking(mass, 3)
+    with pytest.raises(ExpertsError, match="group 3 is out of range for 3 groups"):
+        skew_ranking(mass, 3)
 
 
 def test_skew_factor_is_a_parameter_and_the_boundary_counts():
@@ -152,7 +140,7 @@ def test_stats_accept_numpy_an_explicit_selection_and_chunking(monkeypatch):
     selected = np.ones(scores.shape, bool)
     freq_all = routing_stats(scores.numpy(), labels.numpy(), NAMES, selected=selected)
     np.testing.assert_allclose(freq_all.freq, 1.0)
-    monkeypatch.setattr(ex, "CHUNK_ROWS", 7)
+    monkeypatch.setattr(score_matrix, "CHUNK_ROWS", 7)
     chunked = routing_stats(scores, labels, NAMES)
     np.testing.assert_allclose(chunked.mass, whole.mass)
     np.testing.assert_allclose(chunked.freq, whole.freq)
@@ -250,7 +238,7 @@ def test_concept_correlation_matches_numpy_and_drives_the_purge_curve(monkeypatc
     rng = np.random.default_rng(0)
     concept = (rng.random(200) < 0.3).astype(float)
     scores = np.stack([concept * 2 + rng.random(200) * 0.1, rng.random(200), -concept + rng.random(200), np.full(200, 0.5)], 1)
-    monkeypatch.setattr(ex, "CHUNK_ROWS", 33)
+    monkeypatch.setattr(concept_purge, "CHUNK_ROWS", 33)
     rho = concept_correlation(scores + 1e3, concept)  # a large offset must not cost accuracy
     expected = [np.corrcoef(scores[:, e], concept)[0, 1] for e in range(3)]
     np.testing.assert_allclose(rho[:3], expected, atol=1e-9)

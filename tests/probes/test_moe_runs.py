@@ -13,7 +13,7 @@ import torch
 
 from data import load_corpus
 from probes import moe_records
-from probes.experts import CONCEPTS
+from probes.concepts import CONCEPTS
 from probes.moe_kinds import routed
 from probes.moefy import Partition, mask_to_topk
 from workbench.caching import ActivationCacher, CacheRequest
@@ -178,7 +178,7 @@ def test_concept_masking_matched_budgets_and_purge_curves_are_stored(moe_db, moe
 def test_the_neuron_purge_equals_zeroing_those_neurons_in_the_hugging_face_mlp(moe_db, moefied_run, tiny):
     """An independent path: a forward pre-hook on the HF down_proj zeroes the purged neurons (BOS untouched)."""
     from data.vocab import token_strings
-    from probes.experts import concept_masks
+    from probes.concepts import concept_masks
 
     run_id, result = moefied_run
     with Workspace(moe_db, read_only=True) as ws:
@@ -208,6 +208,7 @@ def test_the_neuron_purge_equals_zeroing_those_neurons_in_the_hugging_face_mlp(m
     labels = result.tokens.eval_labels
     labelled = ((labels[:, :-1] >= 0) & (labels[:, 1:] >= 0)).reshape(-1)
     flat = losses.reshape(-1).double()
+    # the run's masked forward against this one (batched differently): float32 losses ~11, a few ulps (~1e-6) apart
     assert point["concept_loss"] == pytest.approx(float(flat[hit & labelled].mean()), abs=2e-5)
     assert point["other_loss"] == pytest.approx(float(flat[~hit & labelled].mean()), abs=2e-5)
 
@@ -251,6 +252,7 @@ def test_stored_mass_matches_a_naive_recomputation(moe_db, moefied_run, tiny):
     for d, name in enumerate(result.tokens.names):
         expected = a[labels == d].double().mean(0)
         got = torch.tensor([r["mass"] for r in stored if r["grp"] == name], dtype=torch.float64)
+        # a fresh float32 forward against the run's (other batches): the means of |a| differ by float32 ulps
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
@@ -383,7 +385,7 @@ def test_probe_stores_and_prints_sparse_probing(moe_db, moefied_run, main, capsy
 
 def test_masking_never_removes_every_expert_of_a_moe_layer():
     """A matched share that would take all of a layer's experts is skipped with a notice, not sent to the router."""
-    from probes.experts import summarise
+    from probes.expert_summary import summarise
     from probes.moe_groups import TokenGroups
     from probes.moe_masking import masking_matrices
     from probes.moe_request import MoeRequest

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from probes.experts import summarise
+from probes.expert_summary import summarise
 from probes.moefy import (
     MoefyError,
     Partition,

@@ -66,7 +66,8 @@ def test_bad_sparsity_input_is_one_line_and_leaves_the_workspace_intact(sparsity
     assert "p must be a positive" in bad([*tiny_measure, "--p", "0", "--db", str(db)], capsys)
     assert "p must be a positive" in bad([*tiny_measure, "--p", "-5", "--db", str(db)], capsys)
     assert "argument --metric: invalid choice: 'l2'" in bad([*tiny_measure, "--metric", "l2", "--db", str(db)], capsys)
-    assert "argument --law: invalid choice: 'cubic'" in bad(["sparsity", "fit", "--db", str(db), "--series", "relu-d128-l4", "--law", "cubic"], capsys)
+    assert "argument --law: invalid choice: 'cubic'" in bad(["sparsity", "fit", "--db", str(db), "--series", "relu-d128-l4",
+                                                             "--law", "cubic"], capsys)
     assert "no measurements for series 'nope'" in bad(["sparsity", "fit", "--db", str(db), "--series", "nope", "--law", "relu"], capsys)
     assert db.read_bytes() == before
     with Workspace(db) as ws:  # a series with fewer checkpoints than the law needs

@@ -172,6 +172,8 @@ def test_training_loss_is_ce_plus_coef_times_load_balancing(token_data, dtype):
     loss = raw["loss"]
     assert len(seen) == cfg.n_layers
     want_lb = naive_switch_loss([seen[i][0] for i in range(cfg.n_layers)], K)
+    # transformers' float32 LB (means over 4·CTX tokens) against the float64 naive sum: ulps of ~2 (rel ~1e-7 seen);
+    # total = ce + 0.05·LB in float32 then differs from the float64 sum by ~1e-7 relative too
     assert float(loss.load_balancing.detach()) == pytest.approx(want_lb, rel=1e-5)
     assert abs(want_lb - K) < 0.2  # a random router is close to balanced: LB ~ k
     assert float(loss.total.detach()) == pytest.approx(float(loss.ce.detach()) + 0.05 * want_lb, rel=1e-6)
@@ -263,7 +265,8 @@ def test_moe_series_trains_and_records_the_aux_loss(moe_series, token_data):
     assert manifest["complete"] and manifest["config"] == cfg.to_dict() and manifest["config"]["n_experts"] == E
     model = manifest["model"]
     assert (model["architecture"], model["n_experts"], model["experts_per_token"]) == ("MixtralForCausalLM", E, K)
-    assert model["non_embedding_params"] == cfg.non_embedding_params > model["active_non_embedding_params"] == cfg.active_non_embedding_params
+    assert (model["non_embedding_params"] == cfg.non_embedding_params
+            > model["active_non_embedding_params"] == cfg.active_non_embedding_params)
     for record in manifest["checkpoints"]:
         assert K - 0.1 < record["router_aux_loss"] < E  # between balanced (k) and collapsed (E)
     hf_config = json.loads((checkpoints[-1].path / "config.json").read_text())
@@ -354,13 +357,18 @@ def test_checkpoint_loads_through_the_bridge_and_routes_as_trained(moe_series, t
     raw = router_outputs(hf, lambda: want.__setitem__("logits", hf(input_ids=rows).logits.detach()))
     with torch.no_grad(), recorded_routing(bridge) as recorder:
         got_logits = bridge(rows)  # (4, CTX, vocab)
+    # The bridge and the Hugging Face model compute the same float32 forward through different modules and kernels:
+    # the logits differ by ~1e-6 (7e-7 seen), router logits by ~1e-7; 1e-4 is far below what a wrong weight would do.
     torch.testing.assert_close(got_logits, want["logits"], rtol=1e-4, atol=1e-4)
     for layer, (logits, weights, indices) in raw.items():
         got = recorder.routing(layer)
         assert got.indices.shape == (rows.numel(), K)
+        # The choices may be compared exactly although the two router inputs differ by rounding: no token has its
+        # k-th and (k+1)-th expert within 1e-5 of each other in probability, >100 times that rounding.
         assert torch.equal(got.indices.sort(dim=-1).values, indices.long().sort(dim=-1).values)  # the model's own choices
         ours = route_logits(spec, logits.detach())
         assert torch.equal(ours.indices, got.indices)
+        # weights: float32 softmax over E = 4 and a renormalisation of k = 2, from logits ~1e-7 apart: a few ulps of <= 1
         torch.testing.assert_close(ours.weights, got.weights, atol=1e-6, rtol=1e-5)
         load = torch.bincount(got.indices.reshape(-1), minlength=E)  # (E,) token slots per expert
         assert (load > 0).sum() >= 3  # the trained router spreads tokens over the experts

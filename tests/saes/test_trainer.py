@@ -60,8 +60,10 @@ class _Stop(Exception):
 
 @pytest.mark.parametrize("arch", ["topk", "feature_choice", "codebook"])
 def test_exact_resume(tmp_path, arch):
-    sc = SAEConfig(d_in=D, width=64, k=4, arch=arch, capacity="zipf" if arch == "feature_choice" else "uniform", aux_loss="zipf" if arch == "feature_choice" else "auxk", dead_code_window=3)
-    tc = TrainConfig(batch_size=64, total_tokens=64 * 40, warmup_steps=4, log_every=5, checkpoint_every=7, progress_bar=False, dead_tokens=64 * 2, b_dec_init_tokens=128)
+    sc = SAEConfig(d_in=D, width=64, k=4, arch=arch, capacity="zipf" if arch == "feature_choice" else "uniform",
+                   aux_loss="zipf" if arch == "feature_choice" else "auxk", dead_code_window=3)
+    tc = TrainConfig(batch_size=64, total_tokens=64 * 40, warmup_steps=4, log_every=5, checkpoint_every=7, progress_bar=False,
+                     dead_tokens=64 * 2, b_dec_init_tokens=128)
     ref = train(sc, tc, make_batches(40)).sae
 
     def interrupted():  # dies while producing batch 24 (after the step-21 checkpoint)

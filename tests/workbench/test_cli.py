@@ -32,7 +32,8 @@ def existing(tmp_path, capsys):
 
 def snapshot(db):
     with Workspace(db, read_only=True) as ws:
-        return {t: ws.query(f"SELECT count(*) FROM {t}")[0][0] for t in ("runs", "contexts", "tokens", "activations", "documents", "corpora")}
+        return {t: ws.query(f"SELECT count(*) FROM {t}")[0][0]
+                for t in ("runs", "contexts", "tokens", "activations", "documents", "corpora")}
 
 
 def run_bad(args, capsys):
@@ -116,7 +117,8 @@ def test_an_older_schema_is_migrated_by_the_next_write(existing, capsys):
     import duckdb
 
     con = duckdb.connect(str(existing))  # roll the file back to schema v1: drop what v2+ added
-    for table in ("moe_purge", "moe_correlation", "probe_results", "probe_runs", "moe_routes", "moe_k_curve", "moe_selectivity", "moe_comparison",
+    for table in ("moe_purge", "moe_correlation", "probe_results", "probe_runs",
+                  "moe_routes", "moe_k_curve", "moe_selectivity", "moe_comparison",
                   "moe_experts", "moe_mass", "moe_groups", "moe_runs",
                   "sparsity_fits", "sparsity_curve", "sparsity_layers", "sparsity_measurements",
                   "feature_related", "feature_logits", "feature_examples", "feature_stats", "feature_acts",

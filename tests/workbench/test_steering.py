@@ -113,7 +113,8 @@ def test_spec_json_round_trip(tmp_path, sae_dir):
         ('{"version": 7, "interventions": []}', "version 7"),
         ('"add"', "is a JSON object"),
         ('{"interventions": [{"source": "s", "index": 1, "method": "code", "code_mode": "some"}]}', "unknown code_mode 'some'"),
-        ('{"interventions": [{"source": "s", "index": 1, "method": "add", "code_mode": "replace_all"}]}', "code_mode applies to method 'code' only"),
+        ('{"interventions": [{"source": "s", "index": 1, "method": "add", "code_mode": "replace_all"}]}',
+         "code_mode applies to method 'code' only"),
         ('{"interventions": [{"source": "s", "index": 1, "method": "code", "code_mode": 3}]}', "must be a string"),
     ],
 )
@@ -164,10 +165,13 @@ def test_clamp_to_the_current_value_leaves_the_output_unchanged(tiny, const_sae_
     nowhere near x (the SAE is untrained and latent CONST alone has norm 10 ≫ |x| ≈ 0.2)."""
     model, tokens = tiny.model, tokens_of(tiny)
     sae = saes.load_sae(const_sae_dir)
-    before, after, out = around(model, SteeringSpec.single(hook=H0, source=const_sae_dir, index=CONST, method="clamp", strength=10.0), tokens, H0)
+    before, after, out = around(model, SteeringSpec.single(hook=H0, source=const_sae_dir, index=CONST, method="clamp", strength=10.0),
+                                tokens, H0)
     z = sae.encode(before)
     assert torch.allclose(z[:, CONST], torch.full_like(z[:, CONST], 10.0))  # the premise
     assert (before - sae.decode(z)).norm(dim=-1).min() > 5 * before.norm(dim=-1).max()  # a large error term
+    # the hook returns x̂ + (x − x̂): in float32 that is x only up to an ulp of |x̂| (<= 5e-7, x̂ ≫ x), and elementwise
+    # float ops round the same on every CPU; through the two layers that moves the logits by far less than 1e-4
     assert (after - before).abs().max() < 1e-5
     assert torch.allclose(out, logits(model, tokens), atol=1e-4)
 
@@ -175,8 +179,10 @@ def test_clamp_to_the_current_value_leaves_the_output_unchanged(tiny, const_sae_
 def test_clamp_changes_the_activation_only_along_the_decoder_direction(tiny, const_sae_dir):
     model, tokens = tiny.model, tokens_of(tiny)
     sae = saes.load_sae(const_sae_dir)
-    before, after, _ = around(model, SteeringSpec.single(hook=H0, source=const_sae_dir, index=CONST, method="clamp", strength=10.5), tokens, H0)
+    before, after, _ = around(model, SteeringSpec.single(hook=H0, source=const_sae_dir, index=CONST, method="clamp", strength=10.5),
+                              tokens, H0)
     expected = before + 0.5 * sae.W_dec[CONST] / sae.input_scale  # (10.5 − 10) · decoder row
+    # the hook computes x̂' + (x − x̂), the reference x + 0.5·d: equal up to float32 ulps of |x̂| (<= 5e-7): atol 1e-5
     assert torch.allclose(after, expected, atol=1e-5)
     # and a reference clamp written out naively: encode, set, decode, add x − x̂
     _, after_any, _ = around(model, SteeringSpec.single(hook=H0, source=const_sae_dir, index=3, method="clamp", strength=0.7), tokens, H0)
@@ -194,7 +200,7 @@ def test_ablating_a_silent_feature_is_a_no_op(tiny, sae_dir):
     fired = (sae.encode(probe["x"]) > 0).any(dim=0)  # (width,)
     silent, active = int((~fired).nonzero()[0]), int(fired.nonzero()[0])
     before, after, out = around(model, SteeringSpec.single(hook=H0, source=sae_dir, index=silent, method="ablate"), tokens, H0)
-    assert (after - before).abs().max() < 1e-6
+    assert (after - before).abs().max() < 1e-6  # x̂ + (x − x̂) with x̂ unchanged: x up to an ulp of |x̂|
     assert torch.allclose(out, logits(model, tokens), atol=1e-5)
     before, after, _ = around(model, SteeringSpec.single(hook=H0, source=sae_dir, index=active, method="ablate"), tokens, H0)
     assert (after - before).abs().max() > 1e-3  # ablating a feature that fires does change x
@@ -216,6 +222,7 @@ def test_code_forces_a_codebook_code_in_place_of_the_lowest_scoring_one(tiny, tm
     before, after, _ = around(model, SteeringSpec.single(hook=H0, source=path, index=code, method="code"), tokens, H0)
     selected = z[:, code] > 0
     expected = before + (cb.codebook[code] - cb.codebook[lowest]) / cb.input_scale * (~selected)[:, None]
+    # the same float32 vector arithmetic in another order (decode of the new codes plus x − x̂): ulps of |x̂| ~ 1
     assert torch.allclose(after, expected, atol=1e-5)
 
 
@@ -272,6 +279,8 @@ def test_kv_cache_generation_steers_every_new_position(tiny, sae_dir, method, st
     assert cached.tolist() == uncached.tolist()  # same greedy tokens
     full = torch.cat([tokens[0], cached])[None]
     reference = logits(model, full, [(H0, fn)])[tokens.shape[1] - 1 : -1]  # (8, vocab) steered at every position
+    # one-position forwards with a KV cache against one full forward: other attention shapes and summation orders,
+    # float32 logits (|l| ~ 1) apart by ~1e-6; a missed steering step moves them by > 1e-2 (checked below)
     assert torch.allclose(cached_steps, reference, atol=1e-4)
     _, missed = run(prompt_only, True)
     assert (missed[1:] - reference[1:]).abs().max() > 1e-2  # the check would catch unsteered new positions
@@ -329,11 +338,11 @@ def test_feature_scales_match_a_naive_reference_and_are_cached(ws_db):
         assert feature_scale_stats(ws, sae, H0) is stats  # cached in memory
         z = torch.cat([sae.encode(b) for b in iter_activations(ws, H0, 4096, split="all", drop_last=False)])  # (N, F)
     assert stats.n_tokens == z.shape[0]
-    assert torch.allclose(stats.max, z.max(0).values)
+    assert torch.allclose(stats.max, z.max(0).values)  # the same batches through the same encoder: equal in fact
     for f in range(0, 128, 9):
         nonzero = z[:, f][z[:, f] > 0]
         want = torch.quantile(nonzero, 0.99) if nonzero.numel() else torch.tensor(0.0)
-        assert torch.allclose(stats.p99[f], want, atol=1e-5), f
+        assert torch.allclose(stats.p99[f], want, atol=1e-5), f  # two interpolations of the same float32 values
     assert (stats.p99 <= stats.max + 1e-6).all()
 
 
@@ -364,6 +373,8 @@ def test_feature_scales_from_the_analysis_store_agree_with_the_cache(analysed_db
     assert (store.source, cache.source) == ("store", "cache")
     assert store.n_tokens == cache.n_tokens == 64 * 63
     assert torch.equal(store.fired, cache.fired)
+    # the analysis encoded the tokens in other batches than the cache path (other matmul shapes): latents (~1) differ
+    # by float32 ulps, and the p99s interpolate between neighbouring values of those, by DuckDB and by torch
     assert torch.allclose(store.max, cache.max, atol=1e-5)
     assert torch.allclose(store.p99, cache.p99, atol=1e-4, rtol=1e-4)
     assert (store.p99 > 0).sum() > 10  # a real comparison, not of zeros
@@ -393,6 +404,7 @@ def test_feature_units_scale_the_added_vector_by_the_feature_scale(tiny, ws_db):
             scale = float(steering.feature_scales(ws, sae, H0, unit)[feature])
             assert r.hook == H0 and r.amount == pytest.approx(1.5 * scale)
             act = torch.zeros(1, 1, 64)
+            # the same three float32 products in another order: an ulp or two of entries below 1
             assert torch.allclose(r.fn(act)[0, 0], 1.5 * scale * sae.W_dec[feature] / sae.input_scale, atol=1e-6)
 
 
@@ -408,7 +420,8 @@ def test_cli_steer_prints_both_generations_and_the_effect(ws_db, capsys):
     "args, expected",
     [
         (["--feature", "128"], "feature 128 out of range"),
-        (["--feature", "1", "--hook", "blocks.9.hook_resid_post", "--sae", "DIR", "--unit", "raw"], "unknown hook 'blocks.9.hook_resid_post'"),
+        (["--feature", "1", "--hook", "blocks.9.hook_resid_post", "--sae", "DIR", "--unit", "raw"],
+         "unknown hook 'blocks.9.hook_resid_post'"),
         (["--feature", "1", "--strength", "nan"], "strength must be a finite number within ±10000"),
         (["--feature", "1", "--strength", "inf"], "strength must be a finite number within ±10000"),
         (["--spec", "BAD_METHOD"], "unknown steering method 'boost'"),

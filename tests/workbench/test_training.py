@@ -14,7 +14,8 @@ from workbench.cli import main
 from workbench.workspace import Workspace
 
 HOOK = "blocks.1.hook_resid_post"
-TRAIN = ["train", "--hook", HOOK, "--arch", "topk", "--width", "128", "--k", "4", "--tokens", "16384", "--batch-size", "512", "--warmup-steps", "4"]
+TRAIN = ["train", "--hook", HOOK, "--arch", "topk", "--width", "128", "--k", "4", "--tokens", "16384",
+         "--batch-size", "512", "--warmup-steps", "4"]
 
 
 @pytest.fixture(scope="module")

@@ -152,12 +152,13 @@ def serve_app(db: Path, port: int, address: str = "127.0.0.1") -> None:
 
     import app
 
-    from workbench.workspace import Workspace
+    from workbench.workspace import Workspace, WorkspaceNeedsMigration
 
     check_address(address, port)
-    if db.exists():
-        Workspace(db).close()  # migrates an older schema once (the app itself only reads)
-    Workspace(db, read_only=True).close()  # a clear error now beats a broken page later
+    try:
+        Workspace(db, read_only=True).close()  # a clear error now beats a broken page later
+    except WorkspaceNeedsMigration:
+        Workspace(db).close()  # migrate an older schema once; the app itself only reads
     home = Path(app.__file__).with_name("Home.py")
     env = dict(os.environ, WORKBENCH_DB=str(db.expanduser().resolve()))
     print(f"serving the workbench for {db} on http://{address}:{port}", file=sys.stderr, flush=True)

@@ -104,7 +104,7 @@ def cmd_probe(args: argparse.Namespace) -> None:
 
 # -- flags ------------------------------------------------------------------------------------
 def configure_moe(p: argparse.ArgumentParser) -> None:
-    from probes.experts import CONCEPTS
+    from probes.concepts import CONCEPTS
     from probes.moe_request import BUDGETS, KINDS, MoeRequest
     from probes.routing import FAMILIES
 

@@ -27,7 +27,8 @@ from .spec import (CODE_MODES, DEFAULT_CODE_MODE, METHODS, SPEC_VERSION, UNITS, 
 
 __all__ = [
     "CODE_MODES", "DEFAULT_CODE_MODE", "METHODS", "SPEC_VERSION", "UNITS", "Intervention", "SteeringError", "SteeringSpec",
-    "default_unit", "parse_indices", "parse_strengths", "SAERef", "decoder_vectors", "encoder", "is_codebook", "load_steering_sae", "SCALE_TOKENS",
+    "default_unit", "parse_indices", "parse_strengths", "SAERef", "decoder_vectors", "encoder", "is_codebook", "load_steering_sae",
+    "SCALE_TOKENS",
     "FeatureScales", "analysed_sae_id", "feature_scale_stats", "feature_scales", "Resolved", "check_spec", "code_weight",
     "resolve_spec", "steer", "Generation", "generate", "generate_tokens", "MEASURE_TOKENS", "NEUTRAL_TEXTS", "TOP_TOKENS",
     "SweepRow", "js_divergence", "kl_divergence", "logit_effect", "measure", "sweep", "top_tokens",

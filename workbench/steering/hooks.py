@@ -120,7 +120,8 @@ def _scale(iv: Intervention, ref: SAERef, hook: str, ws) -> float:
         return 1.0
     scale = float(feature_scales(ws, ref.sae, hook, iv.unit)[iv.index])  # host read at resolve time, not in a hook
     if scale <= 0:
-        raise SteeringError(f"feature {iv.index} of '{ref.label}' never fires on the cached activations at '{hook}'; its {iv.unit} is 0 (use unit 'raw')")
+        raise SteeringError(f"feature {iv.index} of '{ref.label}' never fires on the cached activations at '{hook}'; "
+                            f"its {iv.unit} is 0 (use unit 'raw')")
     return scale
 
 

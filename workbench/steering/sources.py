@@ -50,7 +50,8 @@ def load_steering_sae(source: str, ws=None) -> SAERef:
             if ws is not None:
                 names = [n for (n,) in ws.query("SELECT name FROM saes WHERE status = 'done' ORDER BY sae_id")]
                 listing = ", ".join(names[:12]) if names else "none trained yet"
-                raise SteeringError(f"SAE '{source}' is neither a trained SAE in {ws.path.name} (available: {listing}) nor a folder with cfg.json")
+                raise SteeringError(f"SAE '{source}' is neither a trained SAE in {ws.path.name} (available: {listing}) "
+                                    "nor a folder with cfg.json")
             raise SteeringError(f"SAE '{source}' is not a folder with cfg.json (pass --db to use a workspace SAE name)")
     resolved = path.resolve()
     stamp = tuple(p.stat().st_mtime_ns for p in sorted(resolved.glob("*")) if p.is_file())

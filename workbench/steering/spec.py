@@ -92,7 +92,8 @@ class Intervention:
     method: str = "add"
     """add, clamp, ablate or code."""
     strength: float = 1.0
-    """add: multiple of the unit direction; clamp: the latent value (× scale in feature units); code: the forced code's weight; ablate: 0."""
+    """add: multiple of the unit direction; clamp: the latent value (× scale in feature units);
+    code: the forced code's weight; ablate: 0."""
     unit: str | None = None
     """raw, feature_max or feature_p99; None → feature_p99 for ``add`` of a feature, raw otherwise."""
     code_mode: str | None = None
@@ -237,5 +238,6 @@ class SteeringSpec:
         try:
             text = path.read_text()
         except (OSError, UnicodeDecodeError) as err:
-            raise SteeringError(f"cannot read steering spec {path}: {err.__class__.__name__}: {getattr(err, 'strerror', None) or err}") from None
+            raise SteeringError(f"cannot read steering spec {path}: "
+                                f"{err.__class__.__name__}: {getattr(err, 'strerror', None) or err}") from None
         return cls.from_json(text)

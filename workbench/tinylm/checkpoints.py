@@ -124,7 +124,8 @@ def _save_checkpoint(out_dir: Path, model, opt, data: TokenData, cfg: TinyLMConf
         tensors = {"rng.torch": torch.get_rng_state()}
         for pid, state in osd["state"].items():
             for name, value in state.items():
-                tensors[f"opt.{pid}.{name}"] = value.detach().clone().contiguous() if isinstance(value, torch.Tensor) else torch.tensor(value)
+                tensors[f"opt.{pid}.{name}"] = (value.detach().clone().contiguous() if isinstance(value, torch.Tensor)
+                                                else torch.tensor(value))
         save_file(tensors, str(tmp / OPTIMIZER_FILE))
         (tmp / CHECKPOINT_JSON).write_text(json.dumps(meta, indent=2))
 
@@ -144,7 +145,8 @@ def _restore(path: Path, record: dict, model, opt) -> torch.Tensor:
     missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:
-        raise SeriesError(f"cannot resume from {path}: weights do not match the config (missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)})")
+        raise SeriesError(f"cannot resume from {path}: weights do not match the config "
+                          f"(missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)})")
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("opt."):

@@ -126,7 +126,8 @@ class TinyLMConfig:
             raise SeriesError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.schedule not in SCHEDULES:
             raise SeriesError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        for name in ("d_model", "n_layers", "head_dim", "context", "vocab_size", "batch_size", "total_tokens", "n_checkpoints", "eval_rows"):
+        for name in ("d_model", "n_layers", "head_dim", "context", "vocab_size", "batch_size", "total_tokens", "n_checkpoints",
+                     "eval_rows"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise SeriesError(f"{name} must be a positive integer, got {value!r}")
@@ -146,7 +147,8 @@ class TinyLMConfig:
         if self.context < 2:
             raise SeriesError(f"context must be at least 2 (BOS plus one token), got {self.context}")
         if self.vocab_size < len(SPECIAL_TOKENS) + 256:
-            raise SeriesError(f"vocab_size must be at least {len(SPECIAL_TOKENS) + 256} (specials plus the 256 bytes), got {self.vocab_size}")
+            raise SeriesError(f"vocab_size must be at least {len(SPECIAL_TOKENS) + 256} (specials plus the 256 bytes), "
+                              f"got {self.vocab_size}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise SeriesError(f"lr must be a positive finite number, got {self.lr!r}")
         if not 0 <= self.min_lr_fraction <= 1:
@@ -164,7 +166,8 @@ class TinyLMConfig:
             if not milestones or any(not isinstance(t, int) or isinstance(t, bool) or t < 1 for t in milestones):
                 raise SeriesError(f"checkpoint_tokens must be a non-empty tuple of positive integers, got {self.checkpoint_tokens!r}")
             if milestones != sorted(set(milestones)) or milestones[-1] > self.total_tokens:
-                raise SeriesError(f"checkpoint_tokens must be strictly increasing and at most total_tokens={self.total_tokens}, got {self.checkpoint_tokens!r}")
+                raise SeriesError(f"checkpoint_tokens must be strictly increasing and at most total_tokens={self.total_tokens}, "
+                                  f"got {self.checkpoint_tokens!r}")
 
     # --- derived values ----------------------------------------------------------------------
     @property
@@ -365,7 +368,8 @@ def shapes_at_fixed_params(
         if not ratio > 0:
             raise SeriesError(f"width/depth ratios must be > 0, got {ratio!r}")
         if not candidates:
-            raise SeriesError(f"no (d_model, n_layers) with d_model a multiple of {head_dim} has {n_params} non-embedding parameters within {tolerance:.0%}")
+            raise SeriesError(f"no (d_model, n_layers) with d_model a multiple of {head_dim} has {n_params} "
+                              f"non-embedding parameters within {tolerance:.0%}")
         best = min(candidates, key=lambda s: (abs(math.log(s.d_model / s.n_layers / ratio)),
                                                abs(non_embedding_params(s.d_model, s.n_layers, mlp_ratio * s.d_model) / n_params - 1)))
         shapes.append(best)

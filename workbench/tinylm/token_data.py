@@ -76,11 +76,13 @@ def prepare_token_data(
     tokenizer = train_tokenizer((doc.text for doc in corpus.documents), vocab_size, model_max_length=context)
     rows = [c.token_ids for c in chunk_and_tokenize(corpus.documents, tokenizer, context, seed=seed)]
     if len(rows) < heldout_every:
-        raise SeriesError(f"corpus {corpus.name!r} gives {len(rows)} rows of {context} tokens; at least heldout_every={heldout_every} are needed")
+        raise SeriesError(f"corpus {corpus.name!r} gives {len(rows)} rows of {context} tokens; "
+                          f"at least heldout_every={heldout_every} are needed")
     all_rows = torch.tensor(rows, dtype=torch.int64)  # (n_rows, context)
     is_heldout = torch.arange(len(rows)) % heldout_every == heldout_every - 1
     train, heldout = all_rows[~is_heldout].contiguous(), all_rows[is_heldout].contiguous()
-    info = {**info, "documents": len(corpus.documents), "tokenizer_vocab": len(tokenizer), "train_rows": len(train), "heldout_rows": len(heldout), "train_tokens": train.numel()}
+    info = {**info, "documents": len(corpus.documents), "tokenizer_vocab": len(tokenizer), "train_rows": len(train),
+            "heldout_rows": len(heldout), "train_tokens": train.numel()}
     data = TokenData(tokenizer, train, heldout, _fingerprint(tokenizer, train, heldout), info)
     if directory is not None:
         publish_dir(Path(directory), lambda tmp: _save_token_data(data, tmp))

@@ -331,14 +331,16 @@ class _RowOrder:
 
 def _check_data(cfg: TinyLMConfig, data: TokenData) -> None:
     if data.train.ndim != 2 or data.train.shape[1] != cfg.context or data.heldout.ndim != 2 or data.heldout.shape[1] != cfg.context:
-        raise SeriesError(f"token rows must be (n, context={cfg.context}), got train {tuple(data.train.shape)} and held-out {tuple(data.heldout.shape)}")
+        raise SeriesError(f"token rows must be (n, context={cfg.context}), "
+                          f"got train {tuple(data.train.shape)} and held-out {tuple(data.heldout.shape)}")
     if len(data.train) == 0 or len(data.heldout) == 0:
         raise SeriesError("token data needs at least one training row and one held-out row")
     if len(data.tokenizer) > cfg.vocab_size:
         raise SeriesError(f"the tokenizer has {len(data.tokenizer)} tokens, more than vocab_size={cfg.vocab_size}")
     ids = {name: getattr(data.tokenizer, name + "_id") for name in SPECIAL_TOKENS}
     if list(ids.values()) != list(range(len(SPECIAL_TOKENS))):
-        raise SeriesError(f"the tokenizer's special token ids must be {dict(zip(ids, range(len(ids))))} (made by train_tokenizer), got {ids}")
+        raise SeriesError(f"the tokenizer's special token ids must be {dict(zip(ids, range(len(ids))))} "
+                          f"(made by train_tokenizer), got {ids}")
 
 
 @contextlib.contextmanager
