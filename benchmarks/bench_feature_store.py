@@ -34,12 +34,11 @@ def main() -> None:
     import saes
     from workbench import features
     from workbench.analysis import analyze
-    from workbench.workspace import resolve_sae
     from workbench.caching import run_cache
     from workbench.cli import quiet_third_party
     from workbench.cli.core import model_for_run
     from workbench.training import train_sae
-    from workbench.workspace import Workspace
+    from workbench.workspace import Workspace, resolve_sae
 
     quiet_third_party()
     args.db.parent.mkdir(parents=True, exist_ok=True)

@@ -143,8 +143,16 @@ def main() -> None:
     from workbench.cli import quiet_third_party
     from workbench.hooks import attached
     from workbench.models import load_model
-    from workbench.steering import (Intervention, SteeringSpec, feature_scale_stats, generate, load_steering_sae,
-                                    neutral_from_workspace, resolve_spec, sweep)
+    from workbench.steering import (
+        Intervention,
+        SteeringSpec,
+        feature_scale_stats,
+        generate,
+        load_steering_sae,
+        neutral_from_workspace,
+        resolve_spec,
+        sweep,
+    )
 
     quiet_third_party()
     torch.set_grad_enabled(False)

@@ -30,10 +30,10 @@ import numpy as np
 import torch
 
 from probes.moe_capture import Intervention, Pass, passthrough_bos
-from workbench.hooks import Capture
 from probes.moe_request import Plan
 from probes.moefy import Partition, expert_scores, moefy, topk_scores
 from probes.routing import recorded_routing, rerouted
+from workbench.hooks import Capture
 
 SAE_ROWS = 4096  # tokens encoded at a time
 

@@ -39,12 +39,12 @@ from probes import domains as dom
 from probes.concept_purge import concept_correlation
 from probes.expert_summary import ExpertSummary, summarise
 from probes.moe_capture import Intervention, Pass, run_forward
-from workbench.hooks import Capture
 from probes.moe_groups import TokenGroups
 from probes.moe_kinds import EXPERT_SOURCES, UNIT_KINDS, Units
 from probes.moe_masking import concept_purges, masking_matrices
 from probes.moe_request import GROUPINGS, KIND_LABELS, MoeRequest, Plan
 from probes.moe_results import MoeResult
+from workbench.hooks import Capture
 
 
 def measure(loaded, plan: Plan, tokens: dom.DomainTokens, request: MoeRequest, *, corpus: str = "",

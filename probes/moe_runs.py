@@ -42,8 +42,7 @@ def _reader(db: Path):
 
 def workspace_defaults(ws, sae_ref: str | None):
     """(SAE record or None, the model and corpus the workspace was cached with, or None)."""
-    from workbench.workspace import resolve_sae
-    from workbench.workspace import fetch_one
+    from workbench.workspace import fetch_one, resolve_sae
 
     if ws is None:
         if sae_ref is not None:

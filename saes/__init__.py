@@ -3,13 +3,13 @@
 Consumes tensors only (never imports the language model, DuckDB or `workbench`).
 """
 
+from . import evals
+from .base import BaseSAE, ForwardOutput, Latents, Selection
 from .config import SAEConfig, TrainConfig
 from .errors import CheckpointError, SAEConfigError, SAEError, SAELoadError, UnknownArchitectureError
-from .registry import architecture_names, build, get_class, register_with_sae_lens
-from .base import BaseSAE, ForwardOutput, Latents, Selection
 from .io import load_sae, save_sae
+from .registry import architecture_names, build, get_class, register_with_sae_lens
 from .trainer import TrainResult, train
-from . import evals
 
 __all__ = [
     "SAEConfig", "TrainConfig", "architecture_names", "build", "get_class", "register_with_sae_lens",

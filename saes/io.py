@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import SAEConfig
 from .errors import SAEConfigError, SAELoadError
-from .registry import build, check_architecture, get_class
+from .registry import build, check_architecture
 
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"

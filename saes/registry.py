@@ -66,9 +66,11 @@ def register_with_sae_lens() -> list[str]:
     return added
 
 
-# --- registrations (one line per variant) ------------------------------------------------------
+# --- registrations (one line per variant; this order is the order of architecture_names()) ------
+# isort: off
 from . import topk as _topk  # noqa: E402,F401
 from . import batchtopk as _batchtopk  # noqa: E402,F401
 from . import feature_choice as _feature_choice  # noqa: E402,F401
 from . import codebook as _codebook  # noqa: E402,F401
 from . import inference_only as _inference_only  # noqa: E402,F401
+# isort: on

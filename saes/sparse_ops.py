@@ -23,7 +23,6 @@ import warnings
 from typing import NamedTuple
 
 import numpy as np
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor

@@ -24,7 +24,6 @@ statistics are all-reduced so every rank holds identical state; rank 0 logs and 
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import sys

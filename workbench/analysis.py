@@ -22,7 +22,6 @@ Then, from those rows (one transaction, recomputed whole on every finish):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa

@@ -13,8 +13,7 @@ import duckdb
 import torch
 
 from workbench.analysis import HIST_BINS, AnalysisError
-from workbench.workspace import SAERecord
-from workbench.workspace import Workspace, fetch_one
+from workbench.workspace import SAERecord, Workspace, fetch_one
 
 
 @dataclass(frozen=True)

@@ -143,8 +143,8 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str | None = None, dty
 
     ``device`` defaults to CUDA when available, else CPU; ``dtype`` to float32.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformer_lens.model_bridge import TransformerBridge
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or torch.float32

@@ -126,10 +126,9 @@ def test_feature_page_in_a_real_browser(served, browser, busiest_feature, tmp_pa
 
 def test_steering_page_in_a_real_browser(served, browser, busiest_feature, tmp_path):
     """The "steer with this" URL preselects the feature; Generate draws both continuations side by side."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
-
-    from selenium.common.exceptions import StaleElementReferenceException
 
     browser.get(f"{served}/Steering?sae={SAE}&feature={busiest_feature}")
     # Streamlit re-renders while the page settles: an element found a moment ago can go stale, so

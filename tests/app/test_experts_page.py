@@ -9,7 +9,6 @@ from pathlib import Path
 
 import duckdb
 import pytest
-import torch
 
 from probes import moe_records
 from probes.probing import ProbeRow, ProbingResult

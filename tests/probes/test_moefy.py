@@ -12,7 +12,6 @@ from probes.moefy import (
     Partition,
     balanced_assign,
     coactivation,
-    expert_scores,
     mask_to_topk,
     moefy,
     route,

@@ -17,11 +17,10 @@ from probes.probe_split import binary_tasks, split_task
 from probes.probe_table import format_table
 from probes.probing import context_domains, probe_texts, sparse_probing, text_features
 from workbench.activations import HOLDOUT_EVERY, read_contexts
-from workbench.workspace import resolve_sae
 from workbench.caching import ActivationCacher, CacheRequest
 from workbench.cli import main
 from workbench.errors import WorkbenchError
-from workbench.workspace import Workspace
+from workbench.workspace import Workspace, resolve_sae
 
 HOOK = "blocks.1.hook_resid_post"
 SAE = "probe-topk"

@@ -7,7 +7,7 @@ import torch
 
 from probes.cett import LayerThresholdSearch, cett
 from probes.neurons import NeuronSiteError, mlp_sites
-from probes.sparsity import RULES, ZERO, SparsityError, bisect_knob, calibrate, evaluate, measure, Evaluation
+from probes.sparsity import RULES, ZERO, Evaluation, SparsityError, bisect_knob, calibrate, evaluate, measure
 
 
 def direct_cett(acts: torch.Tensor, w_out: torch.Tensor, eps: float) -> torch.Tensor:

@@ -2,9 +2,9 @@
 
 import os
 import socket
+import subprocess
 import sys
 import textwrap
-import subprocess
 from pathlib import Path
 
 import pytest

@@ -144,7 +144,7 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_result(tmp_path):
         if not chunk:
             break
         seen += chunk
-        if any(f"/24.6k" in part and not part.strip().startswith("0") for part in seen.split("\r")[-2:]) and seen.count("\r") > 4:
+        if any("/24.6k" in part and not part.strip().startswith("0") for part in seen.split("\r")[-2:]) and seen.count("\r") > 4:
             break
     assert proc.poll() is None, f"the job ended before it could be killed: {seen[-500:]}"
     proc.send_signal(signal.SIGKILL)

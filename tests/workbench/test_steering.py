@@ -394,7 +394,7 @@ def test_feature_scales_fall_back_to_the_cache_without_an_analysis(ws_db, tmp_pa
 
 
 def test_feature_units_scale_the_added_vector_by_the_feature_scale(tiny, ws_db):
-    model, tokens = tiny.model, tokens_of(tiny)
+    model = tiny.model
     with Workspace(ws_db, read_only=True) as ws:
         sae = steering.load_steering_sae("steer-topk", ws).sae
         feature = int(steering.feature_scales(ws, sae, H0, "feature_max").argmax())

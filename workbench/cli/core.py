@@ -7,12 +7,10 @@ where one exists) and a ``cmd_NAME(args)`` handler that checks, then works.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from workbench.cli.options import (CliError, Formatter, add_db, add_device, add_fields, add_model, config_from, integer,
-                                   number)
+from workbench.cli.options import CliError, add_db, add_device, add_fields, add_model, config_from, integer
 
 DEFAULT_DB = Path("workspaces/default.duckdb")
 DEMO = dict(model="smollm2-135m", hook="blocks.15.hook_resid_post", corpus="stdlib", tokens=65_536, ctx=128)
@@ -151,7 +149,6 @@ def serve_app(db: Path, port: int, address: str = "127.0.0.1") -> None:
     import os
 
     import app
-
     from workbench.workspace import Workspace, WorkspaceNeedsMigration
 
     check_address(address, port)

@@ -73,13 +73,12 @@ def cmd_moe_show(args: argparse.Namespace) -> None:
 
 
 def cmd_probe(args: argparse.Namespace) -> None:
+    from data.labelled import load_labelled
     from probes import moe_records
     from probes.probe_fit import DEFAULT_KS
     from probes.probe_table import format_table
     from probes.probing import probe_texts, sparse_probing
     from workbench.workspace import Workspace, ensure_writable, resolve_sae
-
-    from data.labelled import load_labelled
 
     Workspace(args.db, read_only=True).close()  # exists, readable, not busy: before the texts load
     texts = load_labelled(args.texts, text_field=args.text_field, label_field=args.label_field) if args.texts else None

@@ -6,8 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from workbench.cli.options import (Formatter, add_db, add_device, add_fields, add_model, config_from, integer,
-                                   number)
+from workbench.cli.options import Formatter, add_db, add_device, add_fields, add_model, config_from, integer, number
 
 EXAMPLES = {
     "measure": "workbench sparsity measure --db runs/smol.duckdb --tokens 8192 --p 1 --p 5 --metric cett --metric zero",
@@ -38,8 +37,8 @@ def cmd_sparsity_series(args: argparse.Namespace) -> None:
 
 
 def cmd_sparsity_fit(args: argparse.Namespace) -> None:
-    from probes.runs import describe_fit, run_fit
     from probes.records import metric_label
+    from probes.runs import describe_fit, run_fit
     from workbench.workspace import Workspace
 
     label = metric_label(args.metric, None if args.metric == "zero" else args.p)

@@ -13,8 +13,19 @@ from pathlib import Path
 
 from workbench.cli.options import add_db, add_device, add_fields, config_from, integer, number
 from workbench.errors import WorkbenchError
-from workbench.steering import (CODE_MODES, METHODS, UNITS, Generation, Intervention, SteeringError, SteeringSpec,
-                                check_spec, generate, measure, neutral_from_workspace)
+from workbench.steering import (
+    CODE_MODES,
+    METHODS,
+    UNITS,
+    Generation,
+    Intervention,
+    SteeringError,
+    SteeringSpec,
+    check_spec,
+    generate,
+    measure,
+    neutral_from_workspace,
+)
 
 EXAMPLE = 'workbench steer --db workspaces/default.duckdb --sae demo-topk --feature 464 --strength 4 --prompt "The"'
 INTERVENTION_FLAGS = {"source": "--sae", "index": "--feature"}

@@ -18,12 +18,34 @@ Modules, one job each:
 
 from .generation import Generation, generate, generate_tokens
 from .hooks import Resolved, check_spec, code_weight, resolve_spec, steer
-from .measurement import (MEASURE_TOKENS, NEUTRAL_TEXTS, TOP_TOKENS, SweepRow, js_divergence, kl_divergence, logit_effect,
-                          measure, neutral_from_workspace, sweep, top_tokens)
+from .measurement import (
+                          MEASURE_TOKENS,
+                          NEUTRAL_TEXTS,
+                          TOP_TOKENS,
+                          SweepRow,
+                          js_divergence,
+                          kl_divergence,
+                          logit_effect,
+                          measure,
+                          neutral_from_workspace,
+                          sweep,
+                          top_tokens,
+)
 from .scales import SCALE_TOKENS, FeatureScales, analysed_sae_id, feature_scale_stats, feature_scales
 from .sources import SAERef, decoder_vectors, encoder, is_codebook, load_steering_sae
-from .spec import (CODE_MODES, DEFAULT_CODE_MODE, METHODS, SPEC_VERSION, UNITS, Intervention, SteeringError, SteeringSpec,
-                   default_unit, parse_indices, parse_strengths)
+from .spec import (
+                          CODE_MODES,
+                          DEFAULT_CODE_MODE,
+                          METHODS,
+                          SPEC_VERSION,
+                          UNITS,
+                          Intervention,
+                          SteeringError,
+                          SteeringSpec,
+                          default_unit,
+                          parse_indices,
+                          parse_strengths,
+)
 
 __all__ = [
     "CODE_MODES", "DEFAULT_CODE_MODE", "METHODS", "SPEC_VERSION", "UNITS", "Intervention", "SteeringError", "SteeringSpec",

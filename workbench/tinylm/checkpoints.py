@@ -26,8 +26,8 @@ from typing import Any, NamedTuple
 import torch
 from safetensors.torch import load_file, save_file
 
-from workbench.publish import publish_dir
 from workbench.errors import first_line
+from workbench.publish import publish_dir
 from workbench.tinylm.config import SeriesError, TinyLMConfig
 from workbench.tinylm.token_data import TokenData
 

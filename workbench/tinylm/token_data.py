@@ -19,8 +19,8 @@ from typing import NamedTuple
 import torch
 from safetensors.torch import load_file, save_file
 
-from workbench.publish import publish_dir
 from workbench.errors import first_line
+from workbench.publish import publish_dir
 from workbench.tinylm.config import SeriesError
 from workbench.tinylm.tokenizer import train_tokenizer
 
