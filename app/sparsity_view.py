@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import numpy as np
 import plotly.graph_objects as go
-import streamlit as st
 
 from app import cached
 
 
-@st.cache_data(show_spinner=False, max_entries=16)
-def _sparsity(path: str, version: tuple) -> dict:
+@cached.per_workspace_version(max_entries=16)
+def sparsity(path: str) -> dict:
+    """Every measurement with its per-layer ratios and trade-off curve, and every stored law fit."""
     from probes import records
 
     with cached._open(path) as ws:
@@ -27,11 +27,6 @@ def _sparsity(path: str, version: tuple) -> dict:
             "curves": {r["measurement_id"]: records.tradeoff_curve(ws, r["measurement_id"]) for r in rows},
             "fits": [(series, label, fit.to_dict()) for series, label, fit in records.fits(ws)],
         }
-
-
-def sparsity(path: str) -> dict:
-    """Every measurement with its per-layer ratios and trade-off curve, and every stored law fit."""
-    return _sparsity(path, cached.stamp(path))
 
 
 def layer_figure(rows: list[dict], layers: dict) -> go.Figure:
