@@ -43,7 +43,8 @@ def test_topk_at_least_as_good_as_sae_lens(trained):
     theirs = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=32, d_sae=64, k=3))
     opt = torch.optim.Adam(theirs.parameters(), lr=TC.lr)
     for i, x in enumerate(GEN.batches(STEPS, B)):
-        out = theirs.training_forward_pass(TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=None, n_training_steps=i, is_logging_step=False))
+        out = theirs.training_forward_pass(TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=None,
+                                                          n_training_steps=i, is_logging_step=False))
         opt.zero_grad()
         out.loss.backward()
         opt.step()
@@ -62,6 +63,8 @@ def test_reconstruction_metrics_streaming_matches_one_shot():
     Z = sae.encode(X)
     Xh = sae.decode(Z)
     fvu = float((X - Xh).pow(2).sum() / (X - X.mean(0)).pow(2).sum())
+    # streaming float64 sums against one-shot float32 sums over 200·16 values (and encodes of 50 rows against 200):
+    # the float32 side is off by ~1e-7 relative (6e-8 seen); both choose the same latents (no 4th/5th pair within 7e-4)
     assert m["fvu"] == pytest.approx(fvu, rel=1e-5)
     assert m["explained_variance"] == pytest.approx(1 - fvu, rel=1e-5)
     assert m["l0"] == pytest.approx(4.0)
@@ -98,14 +101,18 @@ def test_downstream_metrics_known_answers():
     ablate = downstream_metrics(run_loss, patch=torch.zeros_like)
     assert ablate["ce_loss_recovered"] == pytest.approx(0.0, abs=1e-9)
     half = downstream_metrics(run_loss, patch=lambda a: 0.5 * a)
-    lc = F.log_softmax(acts @ U, -1)
-    ls = F.log_softmax(0.5 * acts @ U, -1)
+    # The reference works in float64 on the same float32 logits, as downstream_metrics does, so the one
+    # float32 step left between them is run_loss's per-token cross-entropy: a few ulps (eps 1.2e-7) of a
+    # value ~4, hence rel 1e-6 for the means. The recovered fraction divides by log 20 − h and log 20 − hs
+    # (~1.4 and ~0.2): that amplifies those ulps by up to ~20, hence rel 1e-5 there.
+    lc = F.log_softmax((acts @ U).double(), -1)
+    ls = F.log_softmax((0.5 * acts @ U).double(), -1)
     h = float(-lc.gather(-1, targets[..., None])[..., 0][mask].mean())
     hs = float(-ls.gather(-1, targets[..., None])[..., 0][mask].mean())
     kl = float((lc.exp() * (lc - ls)).sum(-1)[mask].mean())
     assert half["ce_clean"] == pytest.approx(h, rel=1e-6)
     assert half["ce_spliced"] == pytest.approx(hs, rel=1e-6)
-    assert half["ce_loss_recovered"] == pytest.approx((math.log(20) - hs) / (math.log(20) - h), rel=1e-6)
+    assert half["ce_loss_recovered"] == pytest.approx((math.log(20) - hs) / (math.log(20) - h), rel=1e-5)
     assert half["kl_clean_spliced"] == pytest.approx(kl, rel=1e-6)
 
 

@@ -15,6 +15,12 @@ from saes import SAEConfig, architecture_names, build, load_sae, save_sae
 from saes.errors import SAEError, SAELoadError
 
 D, W, K = 32, 128, 4
+# Tolerances. Ours and the oracles evaluate the same float32 formulas with other ops (addmm against a matmul plus
+# a bias, a sparse decode against a dense one), so activations and reconstructions (up to ~30) agree to a few ulps:
+# rtol = atol = 1e-5. Gradients and the AuxK loss also sum over the 64 tokens in another order: rtol 1e-4, with
+# atol 1e-6 for entries that cancel to ~0. A saved SAE has the input scale and decoder norms folded into its
+# weights, which rounds every weight once more before the same sums: rtol 1e-4. Both sides must choose the same
+# latents: with these seeds no token has its k-th and (k+1)-th pre-activations closer than ~1e-4, far above rounding.
 
 
 def _copy_to_sae_lens(ours, theirs):
