@@ -104,11 +104,12 @@ def analyze(ws: Workspace, sae_ref: str | int, *, model=None, batch_contexts: in
             bar.update(len(chunk) * (ctx_len - 1))
 
         n_tokens = len(ids) * (ctx_len - 1)
+        directions = decoder_directions(sae)  # [width, d]
         with ws.transaction() as con:
             _store_statistics(con, record, n_tokens)
-            _store_related(con, record, decoder_directions(sae), ids, ctx_len)
+            _store_related(con, record, directions, ids, ctx_len)
             if model is not None:
-                _store_logit_effects(con, record, decoder_directions(sae), model)
+                _store_logit_effects(con, record, directions, model)
             con.execute("UPDATE analyses SET status = 'done' WHERE sae_id = ?", [record.sae_id])
     n_nonzeros, live = fetch_one(
         ws.con, "SELECT sum(n_fired), count(*) FILTER (WHERE n_fired > 0) FROM feature_stats WHERE sae_id = ?", [record.sae_id]

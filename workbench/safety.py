@@ -53,6 +53,13 @@ def confined(root: str | Path, path: str | Path) -> Path:
     return target
 
 
+def probe_write(folder: str | Path) -> None:
+    """Create and remove a file in ``folder``; raises ``OSError`` where that fails. A real write,
+    because ``os.access`` says yes to root even on a read-only mount."""
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".workbench-probe-"):
+        pass
+
+
 def check_writable_dir(folder: str | Path, what: str) -> Path:
     """Create ``folder`` (with parents) if needed and check that files can be written in it,
     before any long job starts; the error names the folder."""
@@ -64,9 +71,8 @@ def check_writable_dir(folder: str | Path, what: str) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UnsafeInputError(f"cannot create {what} {folder}: {err.strerror or err}") from None
-    try:  # a real write: os.access says yes to root even on a read-only mount
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".workbench-probe-"):
-            pass
+    try:
+        probe_write(folder)
     except OSError as err:
         for made in missing:  # leave nothing behind
             made.rmdir()

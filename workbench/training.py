@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,8 +71,6 @@ def available_memory() -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    import os
-
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
@@ -162,12 +161,15 @@ def train_sae(
         metrics = evaluate(ws, result.sae, hook, run_id=run_id, model=model)
         metrics["train_tokens"] = result.tokens
         metrics["dead_tokens_window"] = result.dead_tokens
-        with ws.transaction() as con:
-            con.execute(
-                "UPDATE saes SET status = 'done', metrics = ?::JSON, finished_at = current_timestamp WHERE sae_id = ?",
-                [json.dumps(metrics), sae_id],
-            )
+        _finish(ws, sae_id, metrics)
     return TrainedSAE(sae_id, name, path, metrics, result.resumed_from_step)
+
+
+def _finish(ws: Workspace, sae_id: int, metrics: dict[str, float]) -> None:
+    """Record an SAE as done with its held-out metrics."""
+    with ws.transaction() as con:
+        con.execute("UPDATE saes SET status = 'done', metrics = ?::JSON, finished_at = current_timestamp WHERE sae_id = ?",
+                    [json.dumps(metrics), sae_id])
 
 
 def evaluate(ws: Workspace, sae: torch.nn.Module, hook: str, *, run_id: int | None = None, model=None) -> dict[str, float]:
@@ -237,9 +239,5 @@ def register_saved(ws: Workspace, directory: Path, hook: str, *, name: str | Non
         sae_id, _ = _register(ws, name, run_id, hook, sae.cfg, config, directory)
     with ws.job("saes", sae_id):
         metrics = evaluate(ws, sae, hook, run_id=run_id, model=model)
-        with ws.transaction() as con:
-            con.execute(
-                "UPDATE saes SET status = 'done', metrics = ?::JSON, finished_at = current_timestamp WHERE sae_id = ?",
-                [json.dumps(metrics), sae_id],
-            )
+        _finish(ws, sae_id, metrics)
     return TrainedSAE(sae_id, name, directory, metrics, 0)

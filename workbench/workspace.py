@@ -19,7 +19,8 @@ from typing import Iterator
 
 import duckdb
 
-from workbench.errors import WorkbenchError
+from workbench.errors import WorkbenchError, one_line
+from workbench.safety import probe_write
 from workbench.schema import JOB_TABLES, MIGRATIONS, SCHEMA_VERSION
 
 
@@ -75,11 +76,8 @@ def _connect(path: Path, read_only: bool, create: bool = True) -> duckdb.DuckDBP
 
 def _check_writable(path: Path) -> None:
     """DuckDB writes the file and a ``.wal`` beside it; find out now, not at the first commit."""
-    import tempfile
-
-    try:  # a real write: os.access says yes to root even on a read-only mount
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".workbench-probe-"):
-            pass
+    try:
+        probe_write(path.parent)
         if path.exists():
             with open(path, "r+b"):
                 pass
@@ -168,8 +166,6 @@ class Workspace:
         is marked ``failed`` with a one-line reason (a rerun resumes it). Committed batches
         stay; if the database itself can no longer be written (disk full), the row keeps its
         status and the original error propagates."""
-        from workbench.errors import one_line
-
         column = JOB_TABLES[table]
         try:
             yield
@@ -183,7 +179,7 @@ class Workspace:
 
     def file_bytes(self) -> tuple[int, int]:
         """(bytes in the database file, bytes in its write-ahead log not yet checkpointed)."""
-        wal = self.path.with_name(self.path.name + ".wal")
+        wal = wal_path(self.path)
         return self.path.stat().st_size, wal.stat().st_size if wal.exists() else 0
 
     # -- schema ----------------------------------------------------------------------------
@@ -277,11 +273,16 @@ def resolve_sae(ws: Workspace, ref: str | int) -> SAERecord:
     return SAERecord(int(sae_id), name, int(run_id), hook, arch, int(width), int(d_in), Path(path))
 
 
+def wal_path(path: str | Path) -> Path:
+    """DuckDB's write-ahead log beside a database file."""
+    return Path(str(path) + ".wal")
+
+
 def change_stamp(path: str | Path) -> tuple[int, int]:
     """Modification times (ns) of a workspace's database file and its write-ahead log, 0 for a missing one:
     equal stamps mean an unchanged workspace, so callers key their caches of its contents on it."""
     out = []
-    for file in (Path(path), Path(str(path) + ".wal")):
+    for file in (Path(path), wal_path(path)):
         try:
             out.append(file.stat().st_mtime_ns)
         except OSError:

@@ -15,7 +15,6 @@ from workbench.cli.options import CliError, add_db, add_device, add_fields, add_
 DEFAULT_DB = Path("workspaces/default.duckdb")
 DEMO = dict(model="smollm2-135m", hook="blocks.15.hook_resid_post", corpus="stdlib", tokens=65_536, ctx=128)
 DEMO_SAE = dict(name="demo-topk", arch="topk", width=2304, k=32, train_tokens=524_288)
-SAE_FLAGS: tuple[str, ...] = ()  # the SAEConfig fields `train` offers (set by configure_train)
 
 
 def cmd_hooks(args: argparse.Namespace) -> None:
@@ -109,9 +108,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     from workbench.training import train_sae
     from workbench.workspace import Workspace
 
-    sae_fields = {name: getattr(args, name) for name in SAE_FLAGS}
+    sae_cfg = config_from(args, saes.SAEConfig, d_in=1)  # validates the dictionary's fields before the workspace opens
+    sae_fields = {k: v for k, v in sae_cfg.to_dict().items() if k != "d_in"}  # d_in comes from the cache
     train_cfg = config_from(args, saes.TrainConfig)
-    saes.SAEConfig(d_in=1, **sae_fields)  # validate the dictionary's fields before touching the workspace
     with Workspace(args.db, create=False) as ws:
         ws.resolve_hook_run(args.hook, args.run)
         model = None if args.no_downstream else model_for_run(ws, args.hook, args.run, args.device)
@@ -268,15 +267,13 @@ def configure_export(p: argparse.ArgumentParser) -> None:
 
 
 def configure_train(p: argparse.ArgumentParser) -> None:
-    global SAE_FLAGS
     import saes
 
     p.set_defaults(handler=cmd_train)
     add_db(p)
     p.add_argument("--hook", required=True, help="a cached hook (see `workbench info`)")
     p.add_argument("--run", type=integer, default=None, help="cache run id, when several runs cached the hook")
-    SAE_FLAGS = tuple(add_fields(p, saes.SAEConfig, skip=("d_in",),
-                                 choices={"arch": saes.architecture_names()}))
+    add_fields(p, saes.SAEConfig, skip=("d_in",), choices={"arch": saes.architecture_names()})
     add_fields(p, saes.TrainConfig, skip=("sae", "progress_bar"), rename={"total_tokens": "--tokens", "bf16_autocast": "--bf16"},
                required=("total_tokens",))
     p.add_argument("--name", default=None, help="name in the workspace (default: HOOK.ARCH.wWIDTH.kK)")
