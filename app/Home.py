@@ -5,7 +5,7 @@ Served by `workbench app --db W`; the other pages are in pages/.
 
 import streamlit as st
 
-from app import cached
+from workbench.app import cached
 
 st.set_page_config(page_title="Workspace", page_icon="🔎", layout="wide")
 st.title("Workspace")

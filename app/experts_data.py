@@ -1,7 +1,7 @@
 """Experts page data: cached reads of the MoE / probing tables and the table rows and captions shaped
 from them.
 
-Reads follow ``app.cached``: a read-only connection per call, cached under the workspace path and
+Reads follow ``workbench.app.cached``: a read-only connection per call, cached under the workspace path and
 its change stamp (``per_workspace_version``). Shaping functions take plain rows and never touch the
 workspace.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from app.cached import _open, per_workspace_version
+from workbench.app.cached import _open, per_workspace_version
 
 CORRELATED_UNITS = 20  # rows of the "most correlated units" table
 

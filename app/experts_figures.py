@@ -1,6 +1,6 @@
 """Experts page figures: plotly figures of MoE / MoEfied experts, SAE latents and MLP neurons.
 
-Each takes plain rows (as ``app.experts_data`` reads them) and never touches the workspace. A kind
+Each takes plain rows (as ``workbench.app.experts_data`` reads them) and never touches the workspace. A kind
 has one colour (``KIND_COLOURS``) and one label (``probes.moe_request.KIND_LABELS``) everywhere.
 """
 

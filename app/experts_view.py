@@ -1,12 +1,12 @@
 """Experts page routing view: one evaluation context's tokens as HTML, coloured by expert, and its legend.
 
-Token text is escaped by ``app.render.escape`` (quotes included, so a tooltip cannot leave its
-attribute); the highlight colour is ``app.render.HIGHLIGHT``.
+Token text is escaped by ``workbench.app.render.escape`` (quotes included, so a tooltip cannot leave its
+attribute); the highlight colour is ``workbench.app.render.HIGHLIGHT``.
 """
 
 from __future__ import annotations
 
-from app import render
+from workbench.app import render
 
 UNMEASURED = "#d0d0d0"  # BOS and separators in the routing view: left out of every metric
 

@@ -1,6 +1,6 @@
 """Sparsity page helpers: one cached read of the sparsity tables and the plotly figures.
 
-Reads go through ``app.cached`` conventions (read-only connection per call, keyed by the
+Reads go through ``workbench.app.cached`` conventions (read-only connection per call, keyed by the
 workspace's change stamp); figures take plain rows and never touch the workspace.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import plotly.graph_objects as go
 
-from app import cached
+from workbench.app import cached
 
 
 @cached.per_workspace_version(max_entries=16)

@@ -45,8 +45,8 @@ def main() -> None:
     from workbench.cli import quiet_third_party
 
     quiet_third_party()
-    from data import chunk_and_tokenize, load_corpus
     from workbench.caching import ActivationCacher, CacheRequest, _Capture
+    from workbench.data import chunk_and_tokenize, load_corpus
     from workbench.hooks import attached, layer_of, stop_layer
     from workbench.models import load_model
     from workbench.workspace import Workspace

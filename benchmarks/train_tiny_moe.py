@@ -84,7 +84,7 @@ def routing_balance(checkpoint_dir: Path, rows: torch.Tensor, batch_size: int) -
 
 
 def run(args: argparse.Namespace, log=print) -> dict:
-    from data import load_corpus
+    from workbench.data import load_corpus
     from workbench.tinylm import TinyLMConfig, prepare_token_data, read_manifest, train_tiny_lm
 
     started = time.perf_counter()

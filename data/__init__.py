@@ -1,10 +1,10 @@
 """Corpora for the workbench: the built-in offline corpus, file and Hugging Face loaders,
 and the one tokenise-and-chunk function. Nothing here touches the model."""
 
-from data.chunking import Context, chunk_and_tokenize
-from data.corpus import CORPUS_SPEC_HELP, Corpus, load_corpus
-from data.documents import CorpusError, Document
-from data.vocab import token_strings
+from workbench.data.chunking import Context, chunk_and_tokenize
+from workbench.data.corpus import CORPUS_SPEC_HELP, Corpus, load_corpus
+from workbench.data.documents import CorpusError, Document
+from workbench.data.vocab import token_strings
 
 __all__ = [
     "CORPUS_SPEC_HELP",

@@ -6,7 +6,7 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from data.documents import Document
+from workbench.data.documents import Document
 
 SEPARATOR_DOC_ID = -1  # doc_id of BOS and EOS-separator tokens
 

@@ -7,10 +7,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.documents import CorpusError, Document
-from data.hf_loader import load_hf, parse_hf_spec
-from data.loaders import load_jsonl, load_parquet, load_txt_dir, load_txt_file
-from data.stdlib_corpus import stdlib_documents
+from workbench.data.documents import CorpusError, Document
+from workbench.data.hf_loader import load_hf, parse_hf_spec
+from workbench.data.loaders import load_jsonl, load_parquet, load_txt_dir, load_txt_file
+from workbench.data.stdlib_corpus import stdlib_documents
 
 CORPUS_SPEC_HELP = (
     "stdlib (built-in offline corpus), a .txt file (blank-line-separated documents), "

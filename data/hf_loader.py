@@ -12,9 +12,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.documents import CorpusError, Document
-from data.hub import hub_unreachable
-from data.loaders import DEFAULT_DOMAIN, first_line
+from workbench.data.documents import CorpusError, Document
+from workbench.data.hub import hub_unreachable
+from workbench.data.loaders import DEFAULT_DOMAIN, first_line
 
 HF_SPEC_FORMS = "hf:NAME, hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT"
 DEFAULT_SPLIT = "train"

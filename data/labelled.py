@@ -3,7 +3,7 @@
 A spec is a ``.jsonl`` file (one JSON object per line, blank lines ignored), a ``.csv`` or
 ``.tsv`` file (a header row naming the fields; the csv module's quoting, so a quoted field may
 hold commas, tabs, quotes and newlines), a ``.parquet`` file, or ``hf:NAME[:SPLIT]`` /
-``hf:NAME:CONFIG:SPLIT`` for a Hugging Face dataset (parsed and opened by ``data.hf_loader``: a
+``hf:NAME:CONFIG:SPLIT`` for a Hugging Face dataset (parsed and opened by ``workbench.data.hf_loader``: a
 Hub dataset, streamed, or served from the local ``datasets`` cache when offline, or a
 ``save_to_disk`` folder). Every row needs a text field (``text``) and a label field (``label``).
 
@@ -23,9 +23,9 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
-from data.documents import CorpusError
-from data.hf_loader import HF_SPEC_FORMS, parse_hf_spec, records
-from data.loaders import _open_binary, first_line, jsonl_values, read_text
+from workbench.data.documents import CorpusError
+from workbench.data.hf_loader import HF_SPEC_FORMS, parse_hf_spec, records
+from workbench.data.loaders import _open_binary, first_line, jsonl_values, read_text
 
 LABEL_TYPES = (str, int, bool)
 LABELLED_SPEC_HELP = (

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from data.documents import CorpusError, Document
+from workbench.data.documents import CorpusError, Document
 
 DEFAULT_DOMAIN = "text"
 _REPLACEMENT_UTF8 = "\ufffd".encode()

@@ -33,7 +33,7 @@ import tokenize
 from collections.abc import Iterator
 from pathlib import Path
 
-from data.documents import Document
+from workbench.data.documents import Document
 
 _SKIP_DIRS = frozenset(
     {"site-packages", "dist-packages", "test", "tests", "idlelib", "turtledemo", "__pycache__"}

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from data import chunk_and_tokenize, load_corpus
+from workbench.data import chunk_and_tokenize, load_corpus
 from workbench.errors import WorkbenchError
 from workbench.hooks import attached
 

@@ -10,8 +10,8 @@ import math
 
 import torch
 
-from data import chunk_and_tokenize, load_corpus
 from workbench.activations import HOLDOUT_EVERY
+from workbench.data import chunk_and_tokenize, load_corpus
 from workbench.errors import WorkbenchError
 
 

@@ -51,7 +51,7 @@ def measure(loaded, plan: Plan, tokens: dom.DomainTokens, request: MoeRequest, *
             progress: bool = False) -> MoeResult:
     """Steps 1–5 of the module docstring on a loaded model (``corpus``: the spec the tokens came from); nothing is stored."""
     import saes
-    from data.vocab import token_strings
+    from workbench.data.vocab import token_strings
 
     model = loaded.model
     names = tokens.names

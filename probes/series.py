@@ -100,7 +100,7 @@ def planned_models(plan: SeriesPlan) -> list[TinyLMConfig]:
 
 def run_series(db: Path, out_root: Path, plan: SeriesPlan, *, progress: bool = True, log=print) -> None:
     """Train, measure and fit everything in ``plan``; safe to interrupt and rerun."""
-    from data import load_corpus
+    from workbench.data import load_corpus
     from workbench.models import load_model
 
     ensure_writable(db)

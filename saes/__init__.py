@@ -6,7 +6,8 @@ Consumes tensors only (never imports the language model, DuckDB or `workbench`).
 from . import evals
 from .base import BaseSAE, ForwardOutput, Latents, Selection
 from .config import SAEConfig, TrainConfig
-from .errors import CheckpointError, SAEConfigError, SAEError, SAELoadError, UnknownArchitectureError
+from .devices import resolve_device
+from .errors import CheckpointError, DeviceError, SAEConfigError, SAEError, SAELoadError, UnknownArchitectureError
 from .io import load_sae, save_sae
 from .registry import architecture_names, build, get_class, register_with_sae_lens
 from .trainer import TrainResult, train
@@ -14,5 +15,5 @@ from .trainer import TrainResult, train
 __all__ = [
     "SAEConfig", "TrainConfig", "architecture_names", "build", "get_class", "register_with_sae_lens",
     "BaseSAE", "ForwardOutput", "Latents", "Selection", "save_sae", "load_sae", "train", "TrainResult",
-    "evals", "SAEError", "SAEConfigError", "SAELoadError", "UnknownArchitectureError", "CheckpointError",
+    "evals", "resolve_device", "DeviceError", "SAEError", "SAEConfigError", "SAELoadError", "UnknownArchitectureError", "CheckpointError",
 ]

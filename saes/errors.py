@@ -22,3 +22,7 @@ class SAELoadError(SAEError):
 
 class CheckpointError(SAEError):
     """A training checkpoint that does not match the run it is resumed into."""
+
+
+class DeviceError(SAEError):
+    """A device that is malformed (not auto, cpu, cuda or cuda:N) or not present on this machine."""

@@ -25,17 +25,26 @@ ALLOWED = {
 }
 
 
+# The folders data/ and app/ install as workbench.data and workbench.app (pyproject's package-dir),
+# so their modules are named under ``workbench`` although they sit beside it.
+INSTALLED_AS = {"data": "workbench.data", "app": "workbench.app"}
+NESTED_LAYERS = ("workbench.cli", "workbench.data", "workbench.app")
+
+
 def layer(module: str) -> str | None:
     """The layer of a dotted module name, or None for a module outside the project."""
-    if module == "workbench.cli" or module.startswith("workbench.cli."):
-        return "workbench.cli"
+    for nested in NESTED_LAYERS:
+        if module == nested or module.startswith(nested + "."):
+            return nested.removeprefix("workbench.") if nested != "workbench.cli" else nested
     top = module.split(".")[0]
-    return top if top in PACKAGES else None
+    return top if top in PACKAGES and top not in INSTALLED_AS else None
 
 
 def module_name(path: Path) -> str:
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+    name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+    top, dot, rest = name.partition(".")
+    return INSTALLED_AS[top] + dot + rest if top in INSTALLED_AS else name
 
 
 def imports(source: str, name: str, is_package: bool = False) -> list[tuple[int, str]]:
@@ -76,13 +85,24 @@ def test_imports_follow_the_layers(path):
     assert not wrong, f"{path.relative_to(ROOT)}: " + "; ".join(wrong)
 
 
+@pytest.mark.parametrize("path", sources(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_import_by_folder_name(path):
+    """``import data`` would work from the checkout but not once installed: the names are workbench.data/app."""
+    wrong = [f"line {line}: {target}" for line, target in imports(path.read_text(), module_name(path), path.name == "__init__.py")
+             if target.split(".")[0] in INSTALLED_AS]
+    assert not wrong, f"{path.relative_to(ROOT)}: " + "; ".join(wrong)
+
+
 @pytest.mark.parametrize("source, name, is_package, flagged", [
     ("def f():\n    from probes import experts", "workbench.training", False, ["probes", "probes"]),
     ("from ..cli import main", "workbench.steering.hooks", False, ["workbench.cli", "workbench.cli"]),
     ("from . import cli", "workbench", True, ["workbench.cli"]),
-    ("import app.cached", "probes.moe_runs", False, ["app"]),
+    ("import workbench.app.cached", "probes.moe_runs", False, ["app"]),
     ("from workbench.errors import WorkbenchError", "saes.io", False, ["workbench", "workbench"]),
-    ("from probes import experts\nimport app", "workbench.cli.probes", False, []),
+    ("from probes import experts\nimport workbench.app", "workbench.cli.probes", False, []),
+    ("from workbench.data.corpus import load_corpus", "workbench.data.labelled", False, []),
+    ("from workbench.models import load_model", "workbench.data.corpus", False, ["workbench", "workbench"]),
+    ("from workbench.app.render import escape", "workbench.caching", False, ["app", "app"]),
     ("from .spec import SteeringSpec", "workbench.steering.hooks", False, []),
 ])
 def test_the_checker_catches_back_edges(source, name, is_package, flagged):

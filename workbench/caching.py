@@ -22,7 +22,7 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
-from data import Corpus, chunk_and_tokenize, token_strings
+from workbench.data import Corpus, chunk_and_tokenize, token_strings
 from workbench.errors import WorkbenchError
 from workbench.hooks import Capture, attached, stop_layer, validate_hooks
 from workbench.models import LoadedModel, max_context
@@ -311,7 +311,7 @@ def run_cache(*, db: str | Path, model: str, hooks: Sequence[str], corpus: str, 
 def cache(db: str | Path, request: CacheRequest, *, device: str | None = None, progress: bool = True) -> CacheSummary:
     """Run ``request`` into workspace ``db``. Everything is checked first, cheap checks before the
     model loads, so bad input fails fast and writes nothing."""
-    from data import load_corpus
+    from workbench.data import load_corpus
     from workbench.models import load_model
 
     ensure_writable(db)  # missing folder, read-only, busy, not a workspace: before the model loads

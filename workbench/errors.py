@@ -39,8 +39,8 @@ def first_line(err: BaseException) -> str:
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """The bad-input exception types of every layer."""
-    from data import CorpusError
     from saes import SAEError
+    from workbench.data import CorpusError
 
     return (WorkbenchError, CorpusError, SAEError)
 

@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import torch
 
-from data.hub import hub_unreachable
+from workbench.data.hub import hub_unreachable
 from workbench.errors import WorkbenchError, first_line
 from workbench.publish import publish_dir
 

@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from app import cached, render
+from workbench.app import cached, render
 
 st.set_page_config(page_title="Compare SAEs", page_icon="📈", layout="wide")
 st.title("Compare SAEs")

@@ -12,7 +12,7 @@ import shlex
 
 import streamlit as st
 
-from app import cached, render
+from workbench.app import cached, render
 from workbench.safety import NAME_CHARS
 from workbench.steering import CODE_MODES, UNITS, Intervention, SteeringSpec, default_unit, parse_indices, parse_strengths
 from workbench.steering.store import save_named, spec_folder

@@ -2,8 +2,8 @@
 
 import streamlit as st
 
-from app import cached
-from app import sparsity_view as view
+from workbench.app import cached
+from workbench.app import sparsity_view as view
 
 st.set_page_config(page_title="Sparsity", page_icon="🕳️", layout="wide")
 st.title("Activation sparsity")

@@ -2,11 +2,11 @@
 
 import streamlit as st
 
-from app import cached
-from app import experts_data as reads
-from app import experts_figures as figures
-from app import experts_view as view
 from probes.moe_request import KIND_LABELS
+from workbench.app import cached
+from workbench.app import experts_data as reads
+from workbench.app import experts_figures as figures
+from workbench.app import experts_view as view
 
 st.set_page_config(page_title="Experts", page_icon="🧩", layout="wide")
 st.title("Experts")

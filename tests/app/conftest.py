@@ -3,31 +3,15 @@
 tiny-llama at blocks.1.hook_resid_post (8,192 tokens in contexts of 64), a TopK SAE with 128
 latents and k = 4, analysed with logit effects.
 
-The Experts and Sparsity page tests also use fixtures of tests/probes/conftest.py (``tiny_mixtral``,
-``sparsity_db``), taken from there below: sibling folders do not see each other's conftest.
+The Experts and Sparsity page tests also use ``tiny_mixtral`` and ``sparsity_db`` from tests/conftest.py.
 """
 
-import importlib.util
 import shutil
 from pathlib import Path
 
 import pytest
 
 from workbench.cli import main
-
-
-def _probe_fixtures():
-    """tests/probes/conftest.py loaded under a private module name: one definition of the fixtures both folders use."""
-    path = Path(__file__).resolve().parents[1] / "probes" / "conftest.py"
-    spec = importlib.util.spec_from_file_location("_app_probe_fixtures", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_probes = _probe_fixtures()
-tiny_mixtral = _probes.tiny_mixtral  # the Experts page's MoE run
-sparsity_db = _probes.sparsity_db  # the Sparsity page's measurements, series and fit
 
 HOOK = "blocks.1.hook_resid_post"
 SAE = "tiny-topk"

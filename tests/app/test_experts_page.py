@@ -21,10 +21,10 @@ TAUS = (0.3, 0.1)
 
 @pytest.fixture(scope="module")
 def experts_db(tmp_path_factory, tiny, tiny_mixtral) -> Path:
-    from data import load_corpus
     from probes.moe_request import MoeRequest
     from probes.moe_runs import run_moe
     from workbench.caching import ActivationCacher, CacheRequest
+    from workbench.data import load_corpus
 
     root = tmp_path_factory.mktemp("experts_page")
     rng = random.Random(0)
@@ -191,7 +191,7 @@ def test_purge_figure_and_correlated_units(experts_db, monkeypatch):
 
 
 def test_moefied_routing_shows_words_from_the_workspace_vocabulary(experts_db, monkeypatch):
-    from app.experts_view import UNMEASURED
+    from workbench.app.experts_view import UNMEASURED
 
     at = open_page(experts_db, monkeypatch)
     assert f"route-layer-{MOEFIED}" not in {w.key for w in at.selectbox}  # one layer: no layer choice

@@ -9,9 +9,9 @@ import re
 import numpy as np
 import pytest
 
-from app import experts_data as data
-from app import experts_figures as figures
-from app import experts_view as view
+from workbench.app import experts_data as data
+from workbench.app import experts_figures as figures
+from workbench.app import experts_view as view
 
 
 def sel_row(kind, grouping, budget, target, measured, delta, n_masked=2, selectivity=0.1):

@@ -2,7 +2,7 @@
 
 from types import SimpleNamespace
 
-from app import render
+from workbench.app import render
 
 
 def test_token_text_is_escaped_and_newlines_visible():

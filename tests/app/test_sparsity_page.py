@@ -1,4 +1,4 @@
-"""The app's Sparsity page (Streamlit AppTest) on ``sparsity_db`` (tests/probes/conftest.py: tiny-llama measured,
+"""The app's Sparsity page (Streamlit AppTest) on ``sparsity_db`` (tests/conftest.py: tiny-llama measured,
 a synthetic relu and silu series and a silu-law fit), and the empty state."""
 
 from pathlib import Path

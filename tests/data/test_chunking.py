@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from data import Context, Document, chunk_and_tokenize, load_corpus
+from workbench.data import Context, Document, chunk_and_tokenize, load_corpus
 
 
 def reference_contexts(documents, tokenizer, ctx_len, seed):

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data import CorpusError, load_corpus
+from workbench.data import CorpusError, load_corpus
 
 
 def _error(spec, **kwargs) -> str:

@@ -4,8 +4,8 @@ import datasets
 import huggingface_hub.constants
 import pytest
 
-from data import CorpusError, Document, load_corpus
-from data.hf_loader import HFSpec, parse_hf_spec
+from workbench.data import CorpusError, Document, load_corpus
+from workbench.data.hf_loader import HFSpec, parse_hf_spec
 
 
 @pytest.mark.parametrize(

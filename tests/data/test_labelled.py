@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data.documents import CorpusError
-from data.labelled import LabelledError, LabelledTexts, load_labelled
+from workbench.data.documents import CorpusError
+from workbench.data.labelled import LabelledError, LabelledTexts, load_labelled
 
 TEXTS = [
     "plain text",

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data import CORPUS_SPEC_HELP, Document, load_corpus
+from workbench.data import CORPUS_SPEC_HELP, Document, load_corpus
 
 
 def test_txt_file_gives_one_document_per_blank_line_separated_block(tmp_path):

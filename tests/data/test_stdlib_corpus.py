@@ -10,8 +10,8 @@ import sysconfig
 import time
 from pathlib import Path
 
-from data import load_corpus
-from data.stdlib_corpus import stdlib_documents
+from workbench.data import load_corpus
+from workbench.data.stdlib_corpus import stdlib_documents
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
@@ -82,7 +82,7 @@ def test_max_documents_keeps_the_first_documents():
 
 def test_identical_in_a_process_with_another_hash_seed():
     script = (
-        "import hashlib, data.stdlib_corpus as s; h = hashlib.sha256()\n"
+        "import hashlib, workbench.data.stdlib_corpus as s; h = hashlib.sha256()\n"
         "for d in s.stdlib_documents(): h.update(repr((d.source, d.domain, d.text)).encode())\n"
         "print(h.hexdigest())"
     )

@@ -2,7 +2,7 @@
 
 import time
 
-from data import token_strings
+from workbench.data import token_strings
 
 
 def test_every_id_has_a_readable_string(tokenizer):

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from data import load_corpus
 from probes import moe_records
 from probes.concepts import CONCEPTS
 from probes.moe_kinds import routed
 from probes.moefy import Partition, mask_to_topk
 from workbench.caching import ActivationCacher, CacheRequest
+from workbench.data import load_corpus
 from workbench.workspace import Workspace
 
 HOOK = "blocks.1.hook_resid_post"
@@ -177,8 +177,8 @@ def test_concept_masking_matched_budgets_and_purge_curves_are_stored(moe_db, moe
 
 def test_the_neuron_purge_equals_zeroing_those_neurons_in_the_hugging_face_mlp(moe_db, moefied_run, tiny):
     """An independent path: a forward pre-hook on the HF down_proj zeroes the purged neurons (BOS untouched)."""
-    from data.vocab import token_strings
     from probes.concepts import concept_masks
+    from workbench.data.vocab import token_strings
 
     run_id, result = moefied_run
     with Workspace(moe_db, read_only=True) as ws:

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import saes
-from data import load_corpus
 from probes.probe_fit import ProbingError, full_probe, probe_features, rank_by_mean_difference
 from probes.probe_split import binary_tasks, split_task
 from probes.probe_table import format_table
@@ -19,6 +18,7 @@ from probes.probing import context_domains, probe_texts, sparse_probing, text_fe
 from workbench.activations import HOLDOUT_EVERY, read_contexts
 from workbench.caching import ActivationCacher, CacheRequest
 from workbench.cli import main
+from workbench.data import load_corpus
 from workbench.errors import WorkbenchError
 from workbench.workspace import Workspace, resolve_sae
 

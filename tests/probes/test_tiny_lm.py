@@ -39,7 +39,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def corpus():
-    from data import load_corpus
+    from workbench.data import load_corpus
 
     return load_corpus("stdlib", max_documents=40)
 

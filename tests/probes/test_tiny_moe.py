@@ -44,7 +44,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def token_data(tmp_path_factory):
-    from data import load_corpus
+    from workbench.data import load_corpus
 
     corpus = load_corpus("stdlib", max_documents=40)
     return prepare_token_data(corpus, tmp_path_factory.mktemp("data") / "tokens", vocab_size=VOCAB, context=CTX, seed=0)

@@ -280,7 +280,7 @@ def test_an_unreachable_hub_fails_fast_with_one_line(argv, phrase, offline, ws, 
     connection is refused."""
     import time
 
-    from data.hub import hub_unreachable
+    from workbench.data.hub import hub_unreachable
 
     if offline == "closed port":
         from huggingface_hub import constants

@@ -10,9 +10,9 @@ from collections import Counter
 import pytest
 import torch
 
-from data import chunk_and_tokenize
 from workbench.activations import context_ids, export_parquet, iter_activations, read_contexts
 from workbench.caching import ActivationCacher, CacheRequest
+from workbench.data import chunk_and_tokenize
 from workbench.workspace import Workspace
 
 HOOKS = ("blocks.0.hook_resid_post", "blocks.1.mlp.hook_post")

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from data import chunk_and_tokenize
 from workbench.activations import context_ids, read_contexts
 from workbench.caching import ActivationCacher, CacheRequest
+from workbench.data import chunk_and_tokenize
 from workbench.workspace import Workspace
 
 pytestmark = pytest.mark.slow

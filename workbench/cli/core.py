@@ -147,7 +147,7 @@ def serve_app(db: Path, port: int, address: str = "127.0.0.1") -> None:
     (exec, so signals such as SIGTERM reach the server itself)."""
     import os
 
-    import app
+    import workbench.app as app
     from workbench.workspace import Workspace, WorkspaceNeedsMigration
 
     check_address(address, port)

@@ -73,11 +73,11 @@ def cmd_moe_show(args: argparse.Namespace) -> None:
 
 
 def cmd_probe(args: argparse.Namespace) -> None:
-    from data.labelled import load_labelled
     from probes import moe_records
     from probes.probe_fit import DEFAULT_KS
     from probes.probe_table import format_table
     from probes.probing import probe_texts, sparse_probing
+    from workbench.data.labelled import load_labelled
     from workbench.workspace import Workspace, ensure_writable, resolve_sae
 
     Workspace(args.db, read_only=True).close()  # exists, readable, not busy: before the texts load
@@ -131,9 +131,9 @@ def configure_moe(p: argparse.ArgumentParser) -> None:
 
 
 def configure_probe(p: argparse.ArgumentParser) -> None:
-    from data.labelled import LABELLED_SPEC_HELP
     from probes.probe_fit import DEFAULT_KS
     from probes.probe_split import DEFAULT_MAX_PER_CLASS, DEFAULT_MIN_PER_CLASS
+    from workbench.data.labelled import LABELLED_SPEC_HELP
 
     p.set_defaults(handler=cmd_probe)
     add_db(p)

@@ -55,10 +55,10 @@ def cmd_sparsity_show(args: argparse.Namespace) -> None:
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    from data import CORPUS_SPEC_HELP
     from probes.laws import law_names
     from probes.series import ACTIVATIONS, SeriesPlan
     from probes.sparsity import metric_names
+    from workbench.data import CORPUS_SPEC_HELP
 
     actions = p.add_subparsers(dest="sparsity_command", required=True, metavar="ACTION", help="one of:")
 

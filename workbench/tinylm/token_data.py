@@ -61,7 +61,7 @@ def prepare_token_data(
     (``stdlib`` grows when packages are installed), so an interrupted series resumes on the
     same rows; other arguments raise SeriesError.
     """
-    from data import chunk_and_tokenize
+    from workbench.data import chunk_and_tokenize
 
     if heldout_every < 2:
         raise SeriesError(f"heldout_every must be at least 2, got {heldout_every}")

@@ -1,0 +1,46 @@
+"""One device policy for every layer: ``auto`` is CUDA when present, else the CPU.
+
+    resolve_device("auto" | None)  -> cuda (current device) if torch.cuda.is_available() else cpu
+    resolve_device("cpu" | "cuda" | "cuda:N" | "meta" | torch.device) -> that device, checked
+
+``meta`` is accepted so tests can run hot paths with shape-only tensors (a tensor made on another
+device, or a value read into Python, then raises). A CUDA device that is not there is bad input,
+reported in one line naming what is valid.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from .errors import DeviceError
+
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+_PATTERN = re.compile(r"^(auto|cpu|meta|cuda(:\d+)?)$")
+
+
+def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
+    """The ``torch.device`` that ``spec`` names (see the module docstring)."""
+    if isinstance(spec, torch.device):
+        spec = str(spec)
+    spec = "auto" if spec is None else str(spec).strip().lower()
+    if not _PATTERN.match(spec):
+        raise DeviceError(f"device must be {DEVICE_CHOICES}, got {spec!r}")
+    if spec == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(spec)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device {spec!r} asked for, but this torch build sees no CUDA GPU; use --device cpu or auto")
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index >= torch.cuda.device_count():
+            raise DeviceError(f"device {spec!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) are present "
+                              f"(cuda:0 … cuda:{torch.cuda.device_count() - 1})")
+        device = torch.device("cuda", index)
+    return device
+
+
+def autocast_default(device: torch.device) -> bool:
+    """bf16 autocast of the encoder matmul is on by default on CUDA (tensor cores), off elsewhere."""
+    return device.type == "cuda"
