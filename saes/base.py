@@ -3,7 +3,7 @@
     x_n  = s * x                                   (B, d)   s: input scale, E||x_n||^2 = d
     P    = (x_n - b_dec) W_enc + b_enc             (B, F)   pre-activations
     Z'   = ReLU(P)
-    S    = select(P)                               the surviving (token, latent) pairs
+    S    = select(P)                               the surviving (token, latent) entries (CSR, saes.sparse_ops)
     Z    = Z' * 1[S]                               (B, F)   latents
     x̂_n  = Z W_dec + b_dec ,  x̂ = x̂_n / s          (B, d)   rows of W_dec unit norm
     L    = ||x_n - x̂_n||^2 / ||x_n - mean_B(x_n)||^2  + aux terms (saes.losses)
@@ -11,6 +11,12 @@
 Training uses the variant's batch-dependent `select`; `encode` (and `forward` in eval mode)
 uses the batch-independent inference form: the same top-k for TopK, one global threshold θ
 (BatchTopK, Mutual Choice) or per-feature thresholds θ_i (Feature Choice), Z = Z'·1[P > θ].
+
+Nothing in a training step reads a device value into Python: AuxK takes a fixed k_aux per token,
+running statistics are updated with `torch.where`, and every selection has a size known on the
+host (see saes.sparse_ops). The CPU-only fast paths may read CPU memory (AuxK reads how many
+latents are eligible, to gather fewer slots). `thresholds_ready` is the one read, outside training: once True it is
+remembered (the update count only grows), so inference reads it at most until thresholds exist.
 """
 
 from __future__ import annotations
@@ -24,31 +30,43 @@ from torch import Tensor, nn
 from . import sparse_ops
 from .config import SAEConfig
 from .losses import auxk_loss, normalized_mse
+from .sparse_ops import Entries
 
 
 class Selection(NamedTuple):
     """What a variant's `select` returns."""
 
-    indices: Tensor
-    """(B, K) int64 latent indices per token (padded when rows hold different counts)."""
-    valid: Tensor | None
-    """(B, K) bool, False on padding slots; None when every slot is real (TopK)."""
+    entries: Entries
+    """The selected (token, latent) pairs in CSR order (saes.sparse_ops)."""
     threshold_stat: Tensor | None = None
     """Per-batch statistic the inference threshold EMA tracks: () smallest selected value,
     or (F,) m_i-th largest per feature (NaN when m_i = 0)."""
 
 
 class Latents(NamedTuple):
-    """Sparse latents: Z[b, indices[b, j]] = values[b, j] (padding slots carry value 0)."""
+    """Sparse latents in one of two layouts.
+
+    Per token (``offsets`` is None): values, indices (B, K), Z[b, indices[b, j]] = values[b, j]
+    (the codebook's k codes; the dense (B, F) latents of an eval-mode forward, indices = arange(F)).
+    Entries (``offsets`` given): values, indices, token (nnz,) in CSR order, Z[token[e], indices[e]]
+    = values[e], token b's entries starting at offsets[b] (B,) (training forward of every SAE).
+    """
 
     values: Tensor
-    """(B, K) float activations (>= 0)."""
+    """(B, K) or (nnz,) float activations (>= 0)."""
     indices: Tensor
-    """(B, K) int64 latent ids."""
+    """(B, K) or (nnz,) int64 latent ids."""
+    offsets: Tensor | None = None
+    """(B,) start of each token's entries (entries layout only)."""
+    token: Tensor | None = None
+    """(nnz,) token of each entry (entries layout only)."""
 
     def to_dense(self, width: int) -> Tensor:
-        z = self.values.new_zeros(self.values.shape[0], width)  # (B, F)
-        return z.scatter_add_(1, self.indices, self.values)
+        if self.offsets is None:
+            z = self.values.new_zeros(self.values.shape[0], width)  # (B, F)
+            return z.scatter_add_(1, self.indices, self.values)
+        z = self.values.new_zeros(self.offsets.shape[0], width)  # (B, F)
+        return z.index_put_((self.token, self.indices), self.values, accumulate=True)
 
 
 class ForwardOutput(NamedTuple):
@@ -57,7 +75,7 @@ class ForwardOutput(NamedTuple):
     reconstruction: Tensor
     """(B, d_in) x̂ in the caller's (un-normalised) space."""
     latents: Latents
-    """Sparse latents (values, indices); `.to_dense(width)` gives (B, F)."""
+    """Sparse latents; `.to_dense(width)` gives (B, F)."""
     losses: dict[str, Tensor]
     """Unweighted loss terms: `nmse` (normalised MSE = batch FVU) and `aux` (AuxK / aux_zipf; 0 if unused).
     The codebook adds `codebook_mse` (already weighted by λ)."""
@@ -91,6 +109,7 @@ class BaseSAE(nn.Module):
         self.register_buffer("threshold_updates", torch.tensor(0, dtype=torch.int64))
         self.register_buffer("density_ema", torch.zeros(F))
         self.register_buffer("density_updates", torch.tensor(0, dtype=torch.int64))
+        self._thresholds_fitted = False  # host mirror of threshold_updates > 0, once known True
 
     # ------------------------------------------------------------------ selection (override)
     def select(self, pre: Tensor) -> Selection:
@@ -103,7 +122,7 @@ class BaseSAE(nn.Module):
         return self.cfg.width
 
     def _center(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        x_n = x.to(self.W_enc.dtype) * self.input_scale  # (B, d)
+        x_n = x.to(self.W_enc.dtype) * self.input_scale
         return x_n, x_n - self.b_dec  # (B, d), (B, d)
 
     def _pre(self, x_c: Tensor) -> Tensor:
@@ -112,15 +131,21 @@ class BaseSAE(nn.Module):
 
     @property
     def thresholds_ready(self) -> bool:
-        return self.threshold_kind is None or int(self.threshold_updates) > 0
+        """Whether the inference thresholds have been fitted. Reads `threshold_updates` until it is
+        > 0 (then remembered; forgotten when a state dict is loaded)."""
+        if self.threshold_kind is None or self._thresholds_fitted:
+            return True
+        self._thresholds_fitted = bool(self.threshold_updates > 0)
+        return self._thresholds_fitted
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._thresholds_fitted = False
+        super()._load_from_state_dict(*args, **kwargs)
 
     def inference_mask(self, pre: Tensor) -> Tensor:
-        """(B, F) bool: the batch-independent selection."""
+        """(B, F) bool: the batch-independent selection (the training selection until θ is fitted)."""
         if self.threshold_kind is None or not self.thresholds_ready:
-            sel = self.select(pre)
-            v = sel.valid if sel.valid is not None else torch.ones_like(sel.indices, dtype=torch.bool)
-            # scatter_add, not scatter_: padding slots share index 0 with real ones
-            return torch.zeros(pre.shape, dtype=torch.int32, device=pre.device).scatter_add_(1, sel.indices, v.int()) > 0
+            return sparse_ops.to_mask(self.select(pre).entries, pre.shape)
         return pre > self.threshold.to(pre.dtype)
 
     def encode(self, x: Tensor) -> Tensor:
@@ -134,77 +159,96 @@ class BaseSAE(nn.Module):
         return (z.to(self.W_dec.dtype) @ self.W_dec + self.b_dec) / self.input_scale
 
     def forward(self, x: Tensor, aux_mask: Tensor | None = None) -> ForwardOutput:
-        """Training forward (batch-dependent select) in train mode; inference form in eval mode.
+        """Training forward (batch-dependent select, sparse) in train mode; inference form (dense) in eval mode.
 
         aux_mask: (F,) bool, the latents the auxiliary loss may use (dead for AuxK, under-used
         for aux_zipf); None or all-False -> aux loss 0.
         """
         x_n, x_c = self._center(x)
+        if not self.training:
+            return self._forward_inference(x_n, x_c, aux_mask)
         pre = self._pre(x_c)  # (B, F), no grad
-        if self.training:
-            sel = self.select(pre)
-        else:
-            mask = self.inference_mask(pre)
-            rows, cols = mask.nonzero(as_tuple=True)
-            idx, valid = sparse_ops.pairs_to_padded(rows, cols, pre.shape[0])
-            sel = Selection(idx, valid, None)
-        vals = sparse_ops.gather_linear(x_n, self.b_dec, self.W_enc, self.b_enc, pre, sel.indices, sel.valid).relu()  # (B, K)
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        sel = self.select(pre)
+        e = sel.entries
+        vals = sparse_ops.gather_linear(x_n, self.b_dec, self.W_enc, self.b_enc, pre, e).relu()  # (nnz,)
+        with sparse_ops.no_autocast(x.device):
             vals = vals.float() if vals.dtype != self.W_dec.dtype else vals
-            recon_n = sparse_ops.sparse_decode(vals, sel.indices, self.W_dec, sel.valid) + self.b_dec  # (B, d)
+            recon_n = sparse_ops.sparse_decode(vals, e, self.W_dec) + self.b_dec  # (B, d)
             nmse = normalized_mse(recon_n, x_n)
-            aux = self._aux(x_n, x_c, recon_n, pre, aux_mask)
-        fired = (vals.detach() > self.cfg.fire_threshold).to(vals.dtype)
-        counts = torch.zeros(self.width, dtype=vals.dtype, device=vals.device).index_add_(
-            0, sel.indices.reshape(-1), fired.reshape(-1)
-        )  # (F,)
+            aux = self._aux(x_n, recon_n, pre, aux_mask)
+        fired = (vals.detach() > self.cfg.fire_threshold).to(vals.dtype)  # (nnz,)
+        counts = torch.zeros(self.width, dtype=vals.dtype, device=vals.device).index_add_(0, e.latent, fired)  # (F,)
         return ForwardOutput(
             reconstruction=recon_n / self.input_scale,
-            latents=Latents(vals, sel.indices),
+            latents=Latents(vals, e.latent, e.offsets, e.token),
             losses={"nmse": nmse, "aux": aux},
             feature_counts=counts,
             threshold_stat=sel.threshold_stat,
         )
 
-    def _aux(self, x_n: Tensor, x_c: Tensor, recon_n: Tensor, pre: Tensor, aux_mask: Tensor | None) -> Tensor:
+    def _forward_inference(self, x_n: Tensor, x_c: Tensor, aux_mask: Tensor | None) -> ForwardOutput:
+        """Eval-mode forward: dense latents of the inference form (static shapes, any batch)."""
+        pre = x_c @ self.W_enc + self.b_enc  # (B, F)
+        mask = self.inference_mask(pre.detach())  # (B, F)
+        z = pre.relu() * mask
+        with sparse_ops.no_autocast(x_n.device):
+            z = z.float() if z.dtype != self.W_dec.dtype else z
+            recon_n = z @ self.W_dec + self.b_dec  # (B, d)
+            nmse = normalized_mse(recon_n, x_n)
+            aux = self._aux(x_n, recon_n, pre.detach(), aux_mask)
+        counts = (mask & (z.detach() > self.cfg.fire_threshold)).sum(0).to(z.dtype)  # (F,)
+        idx = torch.arange(self.width, device=z.device).expand(z.shape[0], -1)  # (B, F)
+        return ForwardOutput(recon_n / self.input_scale, Latents(z, idx), {"nmse": nmse, "aux": aux}, counts, None)
+
+    def _aux(self, x_n: Tensor, recon_n: Tensor, pre: Tensor, aux_mask: Tensor | None) -> Tensor:
+        """AuxK over the latents in aux_mask: a fixed k_aux per token (no host read), the top-k_aux of the
+        masked pre-activations; slots that fall on ineligible latents (fewer than k_aux eligible) get value 0.
+        CPU fast path (sparse_ops.CPU_FAST_PATHS): the count of eligible latents is read (free there), so
+        only min(k_aux, #eligible) slots are gathered, and none when no latent is eligible."""
         zero = recon_n.new_zeros(())
         if aux_mask is None:
             return zero
-        n_elig = int(aux_mask.sum())
-        if n_elig == 0:
-            return zero
-        k_aux = min(self.cfg.k_aux_effective, n_elig)
-        scale = min(n_elig / self.cfg.k_aux_effective, 1.0) if self.cfg.aux_scale_by_dead else 1.0
-        masked = pre.masked_fill(~aux_mask, -math.inf)  # (B, F)
-        _, aux_idx = masked.topk(k_aux, dim=1, sorted=False)  # (B, k_aux)
-        aux_vals = sparse_ops.gather_linear(x_n, self.b_dec, self.W_enc, self.b_enc, pre, aux_idx).relu().float()
-        e_hat = sparse_ops.sparse_decode(aux_vals, aux_idx, self.W_dec)  # (B, d), no b_dec
+        k_aux = self.cfg.k_aux_effective
+        n_elig = aux_mask.sum()  # ()
+        k_sel = k_aux
+        if sparse_ops.cpu_fast(pre):
+            k_sel = min(k_aux, int(n_elig.item()))
+            if k_sel == 0:
+                return zero
+        top, aux_idx = pre.masked_fill(~aux_mask, -math.inf).topk(k_sel, dim=1, sorted=False)  # (B, k_sel)
+        e = sparse_ops.per_token(aux_idx)
+        eligible = (top > -math.inf).reshape(-1)  # (B·k_sel,)
+        aux_vals = sparse_ops.gather_linear(x_n, self.b_dec, self.W_enc, self.b_enc, pre, e).relu().to(self.W_dec.dtype) * eligible
+        e_hat = sparse_ops.sparse_decode(aux_vals, e, self.W_dec)  # (B, d), no b_dec
+        if self.cfg.aux_scale_by_dead:
+            scale = (n_elig / k_aux).clamp(max=1.0)  # 0 when nothing is eligible
+        else:
+            scale = (n_elig > 0).to(recon_n.dtype)
         return auxk_loss(e_hat, (x_n - recon_n).detach(), scale)
 
     # ------------------------------------------------------------------ running statistics
     @torch.no_grad()
-    def update_running_stats(self, feature_counts: Tensor, n_tokens: int, threshold_stat: Tensor | None, update_thresholds: bool) -> None:
-        """Update firing-density EMA and (after warm-up) the inference threshold EMA."""
+    def update_running_stats(self, feature_counts: Tensor, n_tokens: int | Tensor, threshold_stat: Tensor | None,
+                             update_thresholds: bool) -> None:
+        """Update firing-density EMA and (after warm-up) the inference threshold EMA, on the device."""
         dd = self.cfg.density_decay
-        self.density_ema.mul_(dd).add_(feature_counts.to(self.density_ema.dtype) / max(1, n_tokens), alpha=1 - dd)
+        n = n_tokens.clamp_min(1) if isinstance(n_tokens, Tensor) else max(1, n_tokens)
+        self.density_ema.mul_(dd).add_(feature_counts.to(self.density_ema.dtype) / n, alpha=1 - dd)
         self.density_updates += 1
         if update_thresholds and threshold_stat is not None and self.threshold_kind is not None:
             stat = threshold_stat.to(self.threshold.dtype)
-            if int(self.threshold_updates) == 0:
-                new = torch.where(torch.isnan(stat), torch.zeros_like(stat), stat)
-            else:
-                td = self.cfg.threshold_decay
-                new = torch.where(torch.isnan(stat), self.threshold, td * self.threshold + (1 - td) * stat)
-            self.threshold.copy_(new)
+            missing = torch.isnan(stat)
+            td = self.cfg.threshold_decay
+            first = torch.where(missing, torch.zeros_like(stat), stat)
+            ema = torch.where(missing, self.threshold, td * self.threshold + (1 - td) * stat)
+            self.threshold.copy_(torch.where(self.threshold_updates == 0, first, ema))
             self.threshold_updates += 1
+            self._thresholds_fitted = True
 
     @property
     def density(self) -> Tensor:
-        """(F,) bias-corrected EMA of each latent's firing density."""
-        n = int(self.density_updates)
-        if n == 0:
-            return torch.zeros_like(self.density_ema)
-        return self.density_ema / (1 - self.cfg.density_decay**n)
+        """(F,) bias-corrected EMA of each latent's firing density (zeros before the first update)."""
+        return bias_corrected(self.density_ema, self.density_updates, self.cfg.density_decay)
 
     # ------------------------------------------------------------------ constraints / init
     @torch.no_grad()
@@ -225,25 +269,33 @@ class BaseSAE(nn.Module):
         sample = sample.to(torch.float64)
         if self.cfg.normalize_inputs:
             ms = sample.pow(2).sum(dim=1).mean()
-            self.input_scale.fill_(float(math.sqrt(self.cfg.d_in / float(ms))) if ms > 0 else 1.0)
-        xs = sample * float(self.input_scale)
+            self.input_scale.copy_(torch.where(ms > 0, (self.cfg.d_in / ms).sqrt(), 1.0))
+        xs = sample * self.input_scale.double()
         if self.cfg.b_dec_init == "mean":
             self.b_dec.copy_(xs.mean(0).to(self.b_dec.dtype))
         elif self.cfg.b_dec_init == "geometric_median":
             self.b_dec.copy_(geometric_median(xs).to(self.b_dec.dtype))
 
-    def post_step(self, x: Tensor, step: int, seed: int) -> dict[str, float]:
-        """Hook after each optimizer step (the codebook re-initialises dead codes here)."""
+    def post_step(self, x: Tensor, step: int, seed: int) -> dict[str, Tensor]:
+        """Hook after each optimizer step (the codebook re-initialises dead codes here); values stay on the device."""
         return {}
 
 
+def bias_corrected(ema: Tensor, updates: Tensor, decay: float) -> Tensor:
+    """ema / (1 - decay^updates), zeros while updates = 0 (computed on the device, no read)."""
+    corr = 1 - torch.full((), decay, dtype=torch.float64, device=ema.device).pow(updates)  # ()
+    return torch.where(updates > 0, ema / corr.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(ema))
+
+
 def geometric_median(x: Tensor, iters: int = 50, eps: float = 1e-8) -> Tensor:
-    """Weiszfeld iterations for the geometric median of the rows of x (N, d)."""
+    """Weiszfeld iterations for the geometric median of the rows of x (N, d): a fixed number of
+    iterations, each frozen once the step is below 1e-6 (1 + |y|) (the early stop, without a read)."""
     y = x.mean(0)
+    done = torch.zeros((), dtype=torch.bool, device=x.device)
     for _ in range(iters):
         w = 1.0 / (x - y).norm(dim=1).clamp_min(eps)  # (N,)
         y_new = (w[:, None] * x).sum(0) / w.sum()
-        if (y_new - y).norm() < 1e-6 * (1 + y.norm()):
-            return y_new
-        y = y_new
+        converged = (y_new - y).norm() < 1e-6 * (1 + y.norm())
+        y = torch.where(done, y, y_new)
+        done = done | converged
     return y

@@ -9,9 +9,14 @@
 
 Only the selected codes receive gradients (embedding_bag backward). Codes not selected for
 `cfg.dead_code_window` steps are re-initialised from random inputs of the current batch plus
-Gaussian noise (std `cfg.dead_code_noise` · input RMS), using an RNG seeded by (seed, step) so
-resumed runs match. `encode` returns the (B, N) code indicator (1, or 1/k for "mean") and
-`decode(z) = z C`, so L0 = k and the usual evals apply.
+Gaussian noise (std `cfg.dead_code_noise` · input RMS), using a generator on the batch's device
+seeded by (seed, step) so resumed runs match. `encode` returns the (B, N) code indicator (1, or
+1/k for "mean") and `decode(z) = z C`, so L0 = k and the usual evals apply.
+
+Host reads: none. The re-initialisation draws a candidate (input row, noise) for every code each
+step and `torch.where` keeps it for the dead ones only (N·d random numbers per step, 1/B of the
+scoring matmul), so how many codes died is never read; `codes_reinitialised` stays a device
+tensor until the trainer's log read.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import ForwardOutput, Latents, geometric_median  # noqa: F401
+from . import sparse_ops
+from .base import ForwardOutput, Latents, bias_corrected, geometric_median  # noqa: F401
 from .config import SAEConfig
 from .losses import normalized_mse
 from .registry import register
@@ -79,12 +85,13 @@ class CodebookBottleneck(nn.Module):
         a = x.float() * self.input_scale  # (B, d)
         idx = self._select(a)  # (B, k)
         w = torch.full(idx.shape, self._weight, dtype=a.dtype, device=a.device)  # (B, k)
-        with torch.autocast(device_type=a.device.type, enabled=False):
+        with sparse_ops.no_autocast(a.device):
             q = F.embedding_bag(idx, self.codebook, per_sample_weights=w, mode="sum")  # (B, d)
             nmse = normalized_mse(q, a.detach())
             mse = self.cfg.codebook_mse_coef * F.mse_loss(q, a.detach())
         out = q + (a - a.detach())  # straight-through
-        counts = torch.bincount(idx.reshape(-1), minlength=self.width).to(a.dtype)  # (N,)
+        ones = torch.ones_like(w).reshape(-1)  # (B·k,)
+        counts = torch.zeros(self.width, dtype=a.dtype, device=a.device).index_add_(0, idx.reshape(-1), ones)  # (N,)
         return ForwardOutput(
             reconstruction=out / self.input_scale,
             latents=Latents(w, idx),
@@ -95,9 +102,10 @@ class CodebookBottleneck(nn.Module):
 
     # ----- hooks the trainer calls on every module ---------------------------------------------
     @torch.no_grad()
-    def update_running_stats(self, feature_counts: Tensor, n_tokens: int, threshold_stat, update_thresholds: bool) -> None:
+    def update_running_stats(self, feature_counts: Tensor, n_tokens: int | Tensor, threshold_stat, update_thresholds: bool) -> None:
         dd = self.cfg.density_decay
-        self.density_ema.mul_(dd).add_(feature_counts.float() / max(1, n_tokens), alpha=1 - dd)
+        n = n_tokens.clamp_min(1) if isinstance(n_tokens, Tensor) else max(1, n_tokens)
+        self.density_ema.mul_(dd).add_(feature_counts.float() / n, alpha=1 - dd)
         self.density_updates += 1
         used = feature_counts > 0
         self.ever_used |= used
@@ -105,8 +113,7 @@ class CodebookBottleneck(nn.Module):
 
     @property
     def density(self) -> Tensor:
-        n = int(self.density_updates)
-        return self.density_ema / (1 - self.cfg.density_decay**n) if n else torch.zeros_like(self.density_ema)
+        return bias_corrected(self.density_ema, self.density_updates, self.cfg.density_decay)
 
     def remove_parallel_grad(self) -> None:  # no unit-norm constraint on codes
         return None
@@ -116,28 +123,29 @@ class CodebookBottleneck(nn.Module):
 
     @torch.no_grad()
     def init_from_data(self, sample: Tensor) -> None:
+        """Input scale from the sample, codes = random sample rows (+ noise), drawn on the CPU so every device starts alike."""
         sample = sample.float()
         if self.cfg.normalize_inputs:
-            ms = float(sample.double().pow(2).sum(dim=1).mean())
-            self.input_scale.fill_(math.sqrt(self.cfg.d_in / ms) if ms > 0 else 1.0)
+            ms = sample.double().pow(2).sum(dim=1).mean()
+            self.input_scale.copy_(torch.where(ms > 0, (self.cfg.d_in / ms).sqrt(), 1.0))
         a = sample * self.input_scale
-        pick = torch.randint(0, a.shape[0], (self.width,))
+        pick = torch.randint(0, a.shape[0], (self.width,)).to(a.device)
         codes = a[pick] / (self.cfg.k if self.cfg.codebook_combine == "sum" else 1.0)
-        self.codebook.copy_(codes + self.cfg.dead_code_noise * a.pow(2).mean().sqrt() * torch.randn_like(codes))
+        noise = torch.randn(codes.shape).to(a.device)
+        self.codebook.copy_(codes + self.cfg.dead_code_noise * a.pow(2).mean().sqrt() * noise)
 
     @torch.no_grad()
-    def post_step(self, x: Tensor, step: int, seed: int) -> dict[str, float]:
-        dead = (self.steps_since_used >= self.cfg.dead_code_window).nonzero().flatten()
-        if dead.numel() == 0:
-            return {"codes_reinitialised": 0.0}
-        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        a = x.float().cpu() * float(self.input_scale)
-        pick = torch.randint(0, a.shape[0], (dead.numel(),), generator=g)
-        noise = torch.randn(dead.numel(), a.shape[1], generator=g) * self.cfg.dead_code_noise * float(a.pow(2).mean().sqrt())
-        new = a[pick] / (self.cfg.k if self.cfg.codebook_combine == "sum" else 1.0) + noise
-        self.codebook[dead] = new.to(self.codebook.dtype).to(self.codebook.device)
-        self.steps_since_used[dead] = 0
-        return {"codes_reinitialised": float(dead.numel())}
+    def post_step(self, x: Tensor, step: int, seed: int) -> dict[str, Tensor]:
+        dead = self.steps_since_used >= self.cfg.dead_code_window  # (N,)
+        device = x.device
+        g = None if device.type == "meta" else torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
+        a = x.float() * self.input_scale  # (B, d)
+        pick = torch.randint(0, a.shape[0], (self.width,), generator=g, device=device)  # (N,)
+        noise = torch.randn(self.width, a.shape[1], generator=g, device=device) * self.cfg.dead_code_noise * a.pow(2).mean().sqrt()
+        new = a.index_select(0, pick) / (self.cfg.k if self.cfg.codebook_combine == "sum" else 1.0) + noise  # (N, d)
+        self.codebook.copy_(torch.where(dead[:, None], new.to(self.codebook.dtype), self.codebook))
+        self.steps_since_used.masked_fill_(dead, 0)
+        return {"codes_reinitialised": dead.sum().float()}
 
     @torch.no_grad()
     def code_usage(self) -> dict[str, float]:

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from .errors import SAEConfigError
 
 MAX_DIM = 2**31 - 1  # d_in, width and k are 32-bit integers wherever they are stored
+K_AUX_CAP = 512  # largest default k_aux: AuxK gathers k_aux*B entries on every step
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,10 @@ class SAEConfig:
     """Which latents the auxiliary top-k loss revives: `auxk` = dead latents (Gao et al.),
     `zipf` = under-used latents (aux_zipf, project's reading of Ayonrinde 2024)."""
     k_aux: int | None = None
-    """Latents per token in the auxiliary loss; None -> largest power of two <= d_in/2 (choice)."""
+    """Latents per token in the auxiliary loss; None -> the largest power of two <= d_in/2, capped at 512
+    and at width (choice). The AuxK selection has the fixed shape (B, k_aux) on every step (nothing is
+    read from the device to shrink it to the number of eligible latents), so its gathers and decode
+    cost k_aux*B entries whether or not a latent is dead: the cap (Gao et al.'s k_aux) bounds that cost."""
     aux_scale_by_dead: bool = True
     """(choice) scale the aux loss by min(#eligible/k_aux, 1), as sae-lens and sparsify do."""
     zipf_gamma: float = 0.1
@@ -101,10 +105,10 @@ class SAEConfig:
 
     @property
     def k_aux_effective(self) -> int:
-        """k_aux, defaulting to the largest power of two <= d_in/2 (at least 1), capped at width."""
+        """k_aux, defaulting to the largest power of two <= d_in/2 (at least 1), capped at K_AUX_CAP and at width."""
         if self.k_aux is not None:
             return self.k_aux
-        return min(self.width, 2 ** max(0, int(math.floor(math.log2(max(1, self.d_in // 2))))))
+        return min(self.width, K_AUX_CAP, 2 ** max(0, int(math.floor(math.log2(max(1, self.d_in // 2))))))
 
     def training_bytes(self, batch_size: int) -> int:
         """A lower bound on the memory one training step needs, in bytes (float32): the
@@ -146,8 +150,9 @@ class TrainConfig:
     """A latent is dead after not firing for this many tokens; None -> min(10M, total_tokens // 10) (recorded in the run)."""
     seed: int = 0
     """Seed of the initialisation and of the order in which batches are read."""
-    bf16_autocast: bool = False
-    """Run the dense encoder matmul in bfloat16 (AMX on CPU, tensor cores on GPU); losses and decode stay fp32."""
+    bf16_autocast: bool | None = None
+    """Run the dense encoder matmul in bfloat16 (AMX on CPU, tensor cores on GPU); losses and decode stay fp32.
+    None: on when training on CUDA, off elsewhere (saes.devices.autocast_default)."""
     log_every: int = 50
     """Steps between two log lines (averages of the steps since the last line)."""
     checkpoint_every: int = 200

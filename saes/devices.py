@@ -20,22 +20,22 @@ DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
 _PATTERN = re.compile(r"^(auto|cpu|meta|cuda(:\d+)?)$")
 
 
-def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
-    """The ``torch.device`` that ``spec`` names (see the module docstring)."""
+def resolve_device(spec: str | torch.device | None = "auto", *, what: str = "device") -> torch.device:
+    """The ``torch.device`` that ``spec`` names (see the module docstring); ``what`` names the option in errors."""
     if isinstance(spec, torch.device):
         spec = str(spec)
     spec = "auto" if spec is None else str(spec).strip().lower()
     if not _PATTERN.match(spec):
-        raise DeviceError(f"device must be {DEVICE_CHOICES}, got {spec!r}")
+        raise DeviceError(f"{what} must be {DEVICE_CHOICES}, got {spec!r}")
     if spec == "auto":
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(spec)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise DeviceError(f"device {spec!r} asked for, but this torch build sees no CUDA GPU; use --device cpu or auto")
+            raise DeviceError(f"{what} {spec} asked for, but this torch build sees no CUDA GPU; use cpu or auto")
         index = device.index if device.index is not None else torch.cuda.current_device()
         if index >= torch.cuda.device_count():
-            raise DeviceError(f"device {spec!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) are present "
+            raise DeviceError(f"{what} {spec} asked for, but only {torch.cuda.device_count()} CUDA device(s) are present "
                               f"(cuda:0 … cuda:{torch.cuda.device_count() - 1})")
         device = torch.device("cuda", index)
     return device

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import sparse_ops
 from .base import BaseSAE, Selection
 from .registry import register
 
@@ -21,15 +22,12 @@ class JumpReLUSAE(BaseSAE):
     sae_lens_architecture = "jumprelu"
 
     @property
-    def thresholds_ready(self) -> bool:
+    def thresholds_ready(self) -> bool:  # loaded thresholds: always ready, nothing to read
         return True
 
     def select(self, pre: Tensor) -> Selection:
-        rows, cols = (pre > self.threshold.to(pre.dtype)).nonzero(as_tuple=True)
-        from .sparse_ops import pairs_to_padded
-
-        idx, valid = pairs_to_padded(rows, cols, pre.shape[0])
-        return Selection(idx, valid, None)
+        """Z' > θ_i as entries; data-sized (reads the count), which is fine: never trained here."""
+        return Selection(sparse_ops.from_mask(pre > self.threshold.to(pre.dtype)), None)
 
 
 @register

@@ -12,8 +12,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -25,29 +23,32 @@ def normalized_mse(recon: Tensor, x: Tensor) -> Tensor:
     return num / den.clamp_min(torch.finfo(x.dtype).tiny)
 
 
-def auxk_loss(e_hat: Tensor, e: Tensor, scale: float = 1.0) -> Tensor:
+def auxk_loss(e_hat: Tensor, e: Tensor, scale: float | Tensor = 1.0) -> Tensor:
     """scale * ||e - ê||^2 / ||e - mean(e)||^2, zero when NaN/inf."""
     loss = scale * (e_hat - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
     return torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def fit_zipf(density: Tensor) -> tuple[float, float]:
-    """Fit ρ(r) = C r^-α to densities sorted descending (ranks from 1); returns (C, α).
+def fit_zipf(density: Tensor) -> tuple[Tensor, Tensor]:
+    """Fit ρ(r) = C r^-α to densities sorted descending (ranks from 1); returns (C, α) as 0-d
+    float64 tensors on the density's device (no host read).
 
-    Least squares on log ρ = log C - α log r over the positive densities; (0, 0) when fewer
-    than two latents have fired.
+    Least squares on log ρ = log C - α log r over the positive densities (a prefix of the sorted
+    ones); (0, 0) when no latent has fired, (ρ_max, 0) when one has.
     """
-    d = torch.sort(density.double(), descending=True).values
+    d = torch.sort(density.double(), descending=True).values  # (F,)
     pos = d > 0
-    n = int(pos.sum())
-    if n < 2:
-        return (float(d[0]) if n == 1 else 0.0), 0.0
-    r = torch.arange(1, d.numel() + 1, dtype=torch.float64)[pos].log()
-    y = d[pos].log()
-    rm, ym = r.mean(), y.mean()
-    slope = float(((r - rm) * (y - ym)).sum() / (r - rm).pow(2).sum().clamp_min(1e-300))
-    log_c = float(ym - slope * rm)
-    return math.exp(log_c), -slope
+    w = pos.double()
+    n = pos.sum()  # ()
+    n_f = n.clamp_min(1).double()
+    r = torch.arange(1, d.numel() + 1, dtype=torch.float64, device=d.device).log()
+    y = torch.where(pos, d, torch.ones_like(d)).log()  # 0 where ρ = 0 (weight 0)
+    rm, ym = (w * r).sum() / n_f, (w * y).sum() / n_f
+    slope = (w * (r - rm) * (y - ym)).sum() / (w * (r - rm).pow(2)).sum().clamp_min(1e-300)
+    fitted = n >= 2
+    alpha = torch.where(fitted, -slope, torch.zeros_like(slope))
+    c = torch.where(fitted, (ym - slope * rm).exp(), torch.where(n == 1, d[0], torch.zeros_like(slope)))
+    return c, alpha
 
 
 def ranks(density: Tensor) -> Tensor:

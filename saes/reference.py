@@ -15,12 +15,16 @@ from .losses import auxk_loss, normalized_mse
 
 
 def selection_mask(sel, shape) -> Tensor:
-    v = sel.valid if sel.valid is not None else torch.ones_like(sel.indices, dtype=torch.bool)
-    return torch.zeros(shape, dtype=torch.int32).scatter_add_(1, sel.indices, v.int()) > 0
+    """(B, F) bool mask of a Selection's entries."""
+    e = sel.entries
+    mask = torch.zeros(shape, dtype=torch.bool, device=e.latent.device)
+    mask[e.token, e.latent] = True
+    return mask
 
 
 def dense_forward(sae, x: Tensor, aux_mask: Tensor | None = None) -> dict[str, Tensor]:
-    x_n = x.float() * sae.input_scale
+    """Every term of `sae.forward` with dense matmuls and autograd (on the CPU: it reads counts)."""
+    x_n = x.to(sae.W_enc.dtype) * sae.input_scale  # as BaseSAE._center (float32 SAEs: x.float())
     x_c = x_n - sae.b_dec
     pre = torch.addmm(sae.b_enc, x_c, sae.W_enc)  # (B, F), same op as the fast path so selections tie-break identically
     mask = selection_mask(sae.select(pre.detach()), pre.shape) if sae.training else sae.inference_mask(pre.detach())
@@ -58,3 +62,20 @@ def naive_feature_choice_mask(pre: Tensor, m: Tensor) -> Tensor:
         if int(m[i]) > 0:
             out[pre[:, i].argsort(descending=True)[: int(m[i])], i] = True
     return out
+
+
+def naive_water_fill(w: Tensor, total: int, cap: int) -> Tensor:
+    """The iterative water-filling `feature_choice.water_fill` computes in closed form: shares of
+    `total` proportional to w, those above `cap` capped and the excess re-spread, until none is."""
+    alloc = torch.zeros_like(w)
+    free = torch.ones_like(w, dtype=torch.bool)
+    for _ in range(w.numel()):
+        remaining = total - float(alloc[~free].sum())
+        share = remaining * torch.where(free, w, torch.zeros_like(w)) / float(w[free].sum())
+        over = free & (share > cap)
+        if not bool(over.any()):
+            alloc[free] = share[free]
+            break
+        alloc[over] = cap
+        free &= ~over
+    return alloc

@@ -1,24 +1,44 @@
-"""Fast paths: gather selected pre-activations with a sparse backward, and a sparse decoder.
+"""Selections as flat CSR entries, a gather of the selected pre-activations with a sparse backward,
+and a sparse decoder: one code path on every device, plus CPU-only fast paths.
+
+Selection layout (CSR entries).  A selection of nnz (token, latent) pairs is three int64 tensors
+
+    latent  (nnz,)   latent id of each entry
+    token   (nnz,)   its token (row), ascending: CSR order, latents ascending within a token
+    offsets (B,)     where each token's entries start (embedding_bag offsets; a token may have none)
+
+nnz is known on the host before any value is: k·B for TopK, BatchTopK, Mutual Choice and Feature
+Choice (Σ m_i = k·B), k_aux·B for AuxK. Every shape of a training step is therefore static and
+nothing waits for the device: a batch-level selection becomes entries by sorting its nnz flat keys
+token·F + latent (`from_keys`), never through a data-sized `nonzero` or a padded (B, K_max) layout.
 
 Encoder.  The dense pre-activations P = (x - b_dec) W_enc + b_enc  (B, F) are computed once
-without autograd (in bf16 under autocast), the selection step picks indices I (B, K), and
+without autograd (bf16 under autocast), the selection picks the entries e = (b_e, i_e), and
 
-    values[b, j] = P[b, I[b, j]]
+    values[e] = P[b_e, i_e]                                                    (nnz,)
 
-is wrapped in `GatherLinear`, whose backward only touches the selected entries:
+is wrapped in `GatherLinear`, whose backward only touches the selected entries (g = dL/dvalues):
 
-    dL/dx_c      = sum_j g[b, j] W_enc[:, I[b, j]]          (embedding_bag over W_enc^T)
-    dL/dW_enc^T  = S^T x_c,  S = sparse (B, F) with S[b, I[b, j]] = g[b, j]   (sparse CSR matmul)
-    dL/db_enc    = index_add(I, g)
+    dL/dx_c      = Σ_{e ∈ b} g_e W_enc[:, i_e]               (embedding_bag over W_enc^T)
+    dL/dW_enc^T  = S^T x_c,   S (B, F) sparse, S[b_e, i_e] = g_e
+    dL/db_enc    = index_add(i, g),   dL/db_dec = -W_enc dL/db_enc
 
-so two of the three dense matmuls of a naive SAE step disappear (the dense grad of P is
-never formed). Decoder.  x_hat = sum_j values[b, j] W_dec[I[b, j]] is `embedding_bag`.
+Decoder.  x̂[b] = Σ_{e ∈ b} values[e] W_dec[i_e] is `embedding_bag`; dL/dW_dec = S^T G with
+S[b_e, i_e] = values[e], dL/dvalues[e] = <G[b_e], W_dec[i_e]>.
 
-Both are checked against the dense reference (`saes.reference`) including gradients.
+Devices.  Every function is torch ops that run on any device, meta included (shape-only tensors,
+on which a value read raises: the tests run training steps there). S^T x is embedding_bag's dense
+backward (sort by latent, then segment sums). Two fast paths run on the CPU only while
+`CPU_FAST_PATHS` is True (tests switch it off to run the device path on the CPU): sorting with
+numpy (several times faster than torch.sort on CPU), and S^T x as one sparse CSR matmul (BatchTopK's
+candidates and AuxK's count of eligible latents, in saes.base, are two more).
+Both paths are checked against the dense reference (`saes.reference`), gradients included.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import warnings
 from typing import NamedTuple
 
@@ -27,198 +47,197 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+CPU_FAST_PATHS = True
+"""Use the CPU-only fast paths (numpy sorts, CSR matmul, BatchTopK candidates) on CPU tensors."""
+
+
+def cpu_fast(t: Tensor) -> bool:
+    return CPU_FAST_PATHS and t.device.type == "cpu"
+
+
+def no_autocast(device: torch.device):
+    """A context without autocast on ``device`` (a no-op where autocast does not exist, e.g. meta)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
 
 def stable_argsort(keys: Tensor) -> Tensor:
-    """Stable argsort of a 1-D integer tensor (numpy's radix/timsort: ~4-10x faster than torch.sort on this CPU)."""
-    if keys.device.type == "cpu":
+    """Stable argsort of a 1-D integer tensor (numpy on CPU: ~4-10x faster than torch.sort there)."""
+    if cpu_fast(keys):
         return torch.from_numpy(np.argsort(keys.numpy(), kind="stable"))
     return torch.argsort(keys, stable=True)
 
 
+def sort_keys(keys: Tensor) -> Tensor:
+    """Distinct 1-D integer keys in ascending order."""
+    if cpu_fast(keys):
+        return torch.from_numpy(np.sort(keys.numpy()))
+    return torch.sort(keys).values
+
+
+# ----------------------------------------------------------------------------- entries
 class Entries(NamedTuple):
-    """The kept slots of a padded (B, K) selection, flattened token by token (CSR order)."""
+    """A selection in CSR order (see the module docstring)."""
 
     latent: Tensor
-    """(nnz,) latent id of each kept slot."""
+    """(nnz,) latent id of each entry."""
     token: Tensor
-    """(nnz,) token (row) of each kept slot, ascending."""
+    """(nnz,) token (row) of each entry, ascending."""
     offsets: Tensor
-    """(B,) index into `latent` where each token's slots start (embedding_bag offsets)."""
-    keep: Tensor | None
-    """(B, K) bool mask of kept slots; None when every slot is kept."""
+    """(B,) index into `latent` where each token's entries start."""
 
 
-def entries(idx: Tensor, valid: Tensor | None) -> Entries:
-    """Flatten a padded selection, dropping padding slots (valid=False) so kernels cost O(nnz)."""
+def per_token(idx: Tensor) -> Entries:
+    """(B, K) latent ids, K per token (TopK, AuxK) -> entries in the same order (nnz = B·K)."""
     B, K = idx.shape
-    if valid is None:
-        token = torch.arange(B, device=idx.device).repeat_interleave(K)
-        return Entries(idx.reshape(-1), token, torch.arange(0, B * K, K, device=idx.device), None)
-    counts = valid.sum(1)  # (B,)
-    token = torch.arange(B, device=idx.device).repeat_interleave(counts)
-    return Entries(idx[valid], token, torch.cumsum(counts, 0) - counts, valid)
+    token = torch.arange(B, device=idx.device)[:, None].expand(B, K).reshape(-1)  # (B·K,) 0,..,0,1,..
+    return Entries(idx.reshape(-1), token, torch.arange(0, B * K, K, device=idx.device))
 
 
-def _kept(e: Entries, t: Tensor) -> Tensor:
-    """(B, K) per-slot tensor -> (nnz,) values of the kept slots."""
-    return t.reshape(-1) if e.keep is None else t[e.keep]
+def from_keys(keys: Tensor, n_tokens: int, width: int) -> Entries:
+    """Distinct flat keys token·width + latent (nnz,), any order -> entries in CSR order."""
+    keys = sort_keys(keys)
+    token = torch.div(keys, width, rounding_mode="floor")
+    offsets = torch.searchsorted(token, torch.arange(n_tokens, device=keys.device))  # (B,)
+    return Entries(keys - token * width, token, offsets)
 
 
-def _scatter_kept(e: Entries, flat: Tensor, shape: torch.Size) -> Tensor:
-    """Inverse of `_kept`: (nnz,) -> (B, K) with zeros in padding slots."""
-    if e.keep is None:
-        return flat.view(shape)
-    out = flat.new_zeros(shape)
-    out[e.keep] = flat
-    return out
+def from_mask(mask: Tensor) -> Entries:
+    """(B, F) bool -> entries. Data-sized (`nonzero` reads the count): inference-only variants and tests."""
+    token, latent = mask.nonzero(as_tuple=True)  # row-major: CSR order already
+    return Entries(latent, token, torch.searchsorted(token, torch.arange(mask.shape[0], device=mask.device)))
 
 
-def _sparse_rows_matmul(e: Entries, g: Tensor, x: Tensor, n_rows: int) -> Tensor:
-    """Return S^T x  (n_rows, d) where S (B, n_rows) has S[token_e, latent_e] = g_e (g: (nnz,)).
-
-    Computed in float32 when x is half precision or under autocast (CPU sparse CSR matmul has no
-    bf16/fp16 kernel), returned in x's dtype.
-    """
-    out_dtype = x.dtype
-    if x.dtype in (torch.bfloat16, torch.float16):
-        x = x.float()
-    order = stable_argsort(e.latent)  # stable: tokens stay ascending within each latent (CSR order)
-    rows = e.latent[order]
-    cols = e.token[order]
-    vals = g[order].to(x.dtype)
-    crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=rows.device)
-    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=n_rows), 0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
-        S_T = torch.sparse_csr_tensor(crow, cols, vals, size=(n_rows, x.shape[0]), check_invariants=False)
-    with torch.autocast(device_type=x.device.type, enabled=False):  # autocast would recast to bf16
-        return (S_T @ x).to(out_dtype)  # (n_rows, d)
+def to_mask(e: Entries, shape: tuple[int, int]) -> Tensor:
+    """Entries -> (B, F) bool mask."""
+    B, Fw = shape
+    flat = torch.zeros(B * Fw, dtype=torch.bool, device=e.latent.device)
+    return flat.index_fill_(0, e.token * Fw + e.latent, True).view(B, Fw)
 
 
-class GatherLinear(torch.autograd.Function):
-    """values = pre.gather(1, idx) (0 in padding slots) where pre = (x_n - b_dec) @ W_enc + b_enc was
-    computed without grad; the backward touches only the kept slots."""
-
-    @staticmethod
-    def forward(ctx, x_n: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, pre: Tensor, idx: Tensor, valid: Tensor | None) -> Tensor:
-        ctx.save_for_backward(x_n, b_dec, W_enc, idx, valid)
-        ctx.n_latents = W_enc.shape[1]
-        out = pre.gather(1, idx).to(W_enc.dtype)  # (B, K)
-        return out if valid is None else out * valid
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        x_n, b_dec, W_enc, idx, valid = ctx.saved_tensors
-        e = entries(idx, valid)
-        g = _kept(e, g.contiguous().to(W_enc.dtype))  # (nnz,)
-        grad_x = grad_bdec = grad_W = grad_b = None
-        need_b = ctx.needs_input_grad[3] or ctx.needs_input_grad[1]
-        if need_b:
-            grad_b = torch.zeros(ctx.n_latents, dtype=g.dtype, device=g.device)
-            grad_b.index_add_(0, e.latent, g)  # (F,)
-        if ctx.needs_input_grad[1]:  # d/d b_dec of (x_n - b_dec) W_enc: only the column sums of g matter
-            grad_bdec = -(W_enc @ grad_b)  # (d,)
-        if ctx.needs_input_grad[0]:
-            grad_x = F.embedding_bag(e.latent, W_enc.t().contiguous(), e.offsets, per_sample_weights=g, mode="sum")  # (B, d)
-        if ctx.needs_input_grad[2]:
-            x_c = (x_n - b_dec).to(W_enc.dtype)
-            grad_W = _sparse_rows_matmul(e, g, x_c, ctx.n_latents).t().contiguous()  # (d, F)
-        return grad_x, grad_bdec, grad_W, grad_b if ctx.needs_input_grad[3] else None, None, None, None
+def compact(values: Tensor, keep: Tensor, nnz: int) -> Tensor:
+    """The nnz entries of `values` (M,) where `keep` (M,) is True, in order; the caller knows that
+    exactly nnz are kept, so the output size is static (a cumsum and a scatter, no `nonzero`)."""
+    pos = torch.cumsum(keep, 0) - 1  # (M,)
+    dest = torch.where(keep, pos, nnz)  # dropped entries all land in the extra slot nnz
+    return values.new_empty(nnz + 1).scatter_(0, dest, values)[:nnz]
 
 
-def gather_linear(x_n: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, pre: Tensor, idx: Tensor,
-                  valid: Tensor | None = None) -> Tensor:
-    return GatherLinear.apply(x_n, b_dec, W_enc, b_enc, pre, idx, valid)
+def batch_topk_keys(pre: Tensor, n: int, row_k: int) -> Tensor:
+    """Flat keys b·F + i of the n largest entries of pre (B, F): the set a flattened topk picks.
 
-
-class SparseDecode(torch.autograd.Function):
-    """x̂[b] = Σ_j values[b, j] W_dec[idx[b, j]] over kept slots; backward without embedding_bag's
-    internal torch.sort, and O(nnz) whatever the padding:
-
-        dL/dW_dec  = S^T G          (sparse CSR matmul, S[b, idx[b, j]] = values[b, j])
-        dL/dvalues = <G[b], W_dec[idx[b, j]]>   (aten's per-sample-weights backward; 0 in padding slots)
-    """
-
-    @staticmethod
-    def forward(ctx, values: Tensor, idx: Tensor, W_dec: Tensor, valid: Tensor | None) -> Tensor:
-        e = entries(idx, valid)
-        weights = _kept(e, values)  # (nnz,)
-        out, offset2bag, _, _ = torch.ops.aten._embedding_bag(W_dec, e.latent, e.offsets, False, 0, False, weights, False, -1)
-        ctx.save_for_backward(weights, W_dec, offset2bag, *e[:3], *(() if valid is None else (valid,)))
-        ctx.values_shape = values.shape
-        return out  # (B, d)
-
-    @staticmethod
-    def backward(ctx, go: Tensor):
-        weights, W_dec, offset2bag, latent, token, offsets, *keep = ctx.saved_tensors
-        e = Entries(latent, token, offsets, keep[0] if keep else None)
-        go = go.contiguous()
-        grad_v = grad_W = None
-        if ctx.needs_input_grad[0]:
-            flat = torch.ops.aten._embedding_bag_per_sample_weights_backward(go, W_dec, e.latent, e.offsets, offset2bag, 0, -1)
-            grad_v = _scatter_kept(e, flat, ctx.values_shape)
-        if ctx.needs_input_grad[2]:
-            grad_W = _sparse_rows_matmul(e, weights.detach(), go, W_dec.shape[0])  # (F, d)
-        return grad_v, None, grad_W, None
-
-
-def sparse_decode(values: Tensor, idx: Tensor, W_dec: Tensor, valid: Tensor | None = None) -> Tensor:
-    """sum_j values[b, j] * W_dec[idx[b, j]] over slots with valid[b, j] (all when None) -> (B, d), no bias."""
-    values = values.to(W_dec.dtype)
-    if torch.is_grad_enabled() and (values.requires_grad or W_dec.requires_grad):
-        return SparseDecode.apply(values, idx, W_dec, valid)
-    e = entries(idx, valid)
-    return F.embedding_bag(e.latent, W_dec, e.offsets, per_sample_weights=_kept(e, values), mode="sum")
-
-
-def pairs_to_padded(rows: Tensor, cols: Tensor, n_rows: int) -> tuple[Tensor, Tensor]:
-    """Turn (row, col) pairs into padded per-row indices (n_rows, K_max) and a validity mask.
-
-    Padded slots get index 0 and valid=False; their values are zeroed by the caller.
-    """
-    if rows.numel() == 0:
-        z = torch.zeros(n_rows, 1, dtype=torch.int64, device=rows.device)
-        return z, torch.zeros(n_rows, 1, dtype=torch.bool, device=rows.device)
-    order = stable_argsort(rows)
-    rows, cols = rows[order], cols[order]
-    counts = torch.bincount(rows, minlength=n_rows)  # (n_rows,)
-    kmax = max(1, int(counts.max()))
-    starts = torch.cumsum(counts, 0) - counts
-    pos = torch.arange(rows.numel(), device=rows.device) - starts[rows]
-    idx = torch.zeros(n_rows, kmax, dtype=torch.int64, device=rows.device)
-    valid = torch.zeros(n_rows, kmax, dtype=torch.bool, device=rows.device)
-    idx[rows, pos] = cols
-    valid[rows, pos] = True
-    return idx, valid
-
-
-def batch_topk_pairs(pre: Tensor, n: int, row_k: int) -> tuple[Tensor, Tensor]:
-    """(rows, cols) of the n largest entries of pre (B, F), exactly as flattened topk would pick.
-
-    Fast path: each row first offers its top c = 2·row_k entries as candidates, and the global
-    top-n is taken over the candidates. A row that had some candidate left unpicked cannot hold
-    a larger entry outside its candidates, so only rows whose candidates were *all* picked
-    (saturated) may be missing entries: those rows alone offer twice as many and the selection
-    is redone, until no row is saturated (or a row offers all F entries).
+    Device path (CUDA, meta, CPU with fast paths off): one flattened `topk(n)`. CPU fast path: each
+    row offers its top c = 2·row_k entries as candidates and the global top-n is taken over them. A
+    row with a candidate left unpicked holds nothing larger outside its candidates, so only rows
+    whose candidates were all picked (saturated) may miss entries; their count S is read (the one
+    host read of this path) and, when S > 0, those S rows offer all F entries and the top-n is
+    taken again, which is then exact.
     """
     B, Fw = pre.shape
     n = min(n, B * Fw)
     c = min(Fw, max(1, 2 * row_k))
+    if not cpu_fast(pre) or c >= Fw:
+        return pre.reshape(-1).topk(n, sorted=False).indices  # (n,)
     cand_v, cand_i = pre.topk(c, dim=1, sorted=False)  # (B, c)
-    rows = torch.arange(B, device=pre.device).repeat_interleave(c)  # (B·c,)
-    vals, cols = cand_v.reshape(-1), cand_i.reshape(-1)
-    offered = torch.full((B,), c, dtype=torch.int64, device=pre.device)  # candidates per row
-    while True:
-        _, top = vals.topk(n, sorted=False)  # (n,)
-        picked = torch.bincount(rows[top], minlength=B)  # (B,)
-        saturated = (picked >= offered) & (offered < Fw)
-        if not bool(saturated.any()):
-            return rows[top], cols[top]
-        grow = saturated.nonzero().squeeze(1)  # (S,)
-        c = min(Fw, 2 * int(offered[grow].max()))
-        more_v, more_i = pre[grow].topk(c, dim=1, sorted=False)  # (S, c)
-        keep = ~saturated[rows]
-        rows = torch.cat([rows[keep], grow.repeat_interleave(c)])
-        vals = torch.cat([vals[keep], more_v.reshape(-1)])
-        cols = torch.cat([cols[keep], more_i.reshape(-1)])
-        offered[grow] = c
+    top = cand_v.reshape(-1).topk(n, sorted=False).indices  # (n,) positions among the B·c candidates
+    rows = torch.div(top, c, rounding_mode="floor")
+    picked = torch.zeros(B, dtype=torch.int64).index_add_(0, rows, torch.ones_like(rows))  # (B,)
+    saturated = picked >= c
+    n_sat = int(saturated.sum().item())  # the CPU fast path's one read
+    if n_sat == 0:
+        return rows * Fw + cand_i.reshape(-1)[top]
+    grow = compact(torch.arange(B), saturated, n_sat)  # (S,)
+    vals = torch.cat([cand_v.masked_fill(saturated[:, None], -math.inf).reshape(-1), pre[grow].reshape(-1)])
+    keys = torch.cat([(torch.arange(B)[:, None] * Fw + cand_i).reshape(-1), (grow[:, None] * Fw + torch.arange(Fw)).reshape(-1)])
+    return keys[vals.topk(n, sorted=False).indices]  # finite candidates >= n, so no -inf slot is picked
+
+
+# ----------------------------------------------------------------------------- kernels
+def rows_matmul(e: Entries, w: Tensor, x: Tensor, n_rows: int) -> Tensor:
+    """S^T x  (n_rows, d), where S (B, n_rows) has S[token_e, latent_e] = w_e (w: (nnz,)).
+
+    Computed in float32 when x is half precision (CPU sparse CSR matmul has no bf16/fp16 kernel)
+    and outside autocast; returned in x's dtype.
+    """
+    out_dtype = x.dtype
+    if x.dtype in (torch.bfloat16, torch.float16):
+        x = x.float()
+    w = w.to(x.dtype)
+    with no_autocast(x.device):
+        if cpu_fast(x):
+            order = stable_argsort(e.latent)  # stable: tokens stay ascending within each latent (CSR order)
+            rows = e.latent[order]
+            crow = torch.searchsorted(rows, torch.arange(n_rows + 1))  # (n_rows + 1,)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+                S_T = torch.sparse_csr_tensor(crow, e.token[order], w[order], size=(n_rows, x.shape[0]), check_invariants=False)
+            return (S_T @ x).to(out_dtype)
+        nnz = e.latent.shape[0]
+        bag_size = torch.diff(e.offsets, append=e.offsets.new_full((1,), nnz))  # (B,)
+        none = e.latent.new_empty(0)
+        out = torch.ops.aten._embedding_bag_dense_backward(x, e.latent, e.token, bag_size, none, n_rows, False, 0, w, -1)
+        return out.to(out_dtype)  # (n_rows, d)
+
+
+class GatherLinear(torch.autograd.Function):
+    """values[e] = pre[token_e, latent_e] where pre = (x_n - b_dec) @ W_enc + b_enc was computed
+    without grad; the backward touches only the selected entries."""
+
+    @staticmethod
+    def forward(ctx, x_n, b_dec, W_enc, b_enc, pre, latent, token, offsets):
+        ctx.save_for_backward(x_n, b_dec, W_enc, latent, token, offsets)
+        n_latents = W_enc.shape[1]
+        return pre.reshape(-1).index_select(0, token * n_latents + latent).to(W_enc.dtype)  # (nnz,)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x_n, b_dec, W_enc, latent, token, offsets = ctx.saved_tensors
+        e = Entries(latent, token, offsets)
+        g = g.contiguous().to(W_enc.dtype)  # (nnz,)
+        grad_x = grad_bdec = grad_W = grad_b = None
+        if ctx.needs_input_grad[3] or ctx.needs_input_grad[1]:
+            grad_b = torch.zeros(W_enc.shape[1], dtype=g.dtype, device=g.device).index_add_(0, latent, g)  # (F,)
+        if ctx.needs_input_grad[1]:  # d/d b_dec of (x_n - b_dec) W_enc: only the column sums of g matter
+            grad_bdec = -(W_enc @ grad_b)  # (d,)
+        if ctx.needs_input_grad[0]:
+            grad_x = F.embedding_bag(latent, W_enc.t().contiguous(), offsets, per_sample_weights=g, mode="sum")  # (B, d)
+        if ctx.needs_input_grad[2]:
+            x_c = (x_n - b_dec).to(W_enc.dtype)
+            grad_W = rows_matmul(e, g, x_c, W_enc.shape[1]).t().contiguous()  # (d, F)
+        return grad_x, grad_bdec, grad_W, grad_b if ctx.needs_input_grad[3] else None, None, None, None, None
+
+
+def gather_linear(x_n: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, pre: Tensor, e: Entries) -> Tensor:
+    """(nnz,) selected pre-activations with the sparse backward of `GatherLinear`."""
+    return GatherLinear.apply(x_n, b_dec, W_enc, b_enc, pre, e.latent, e.token, e.offsets)
+
+
+class SparseDecode(torch.autograd.Function):
+    """x̂[b] = Σ_{e ∈ b} values[e] W_dec[latent_e]; backward without embedding_bag's own backward,
+    O(nnz):  dL/dW_dec = S^T G (`rows_matmul`),  dL/dvalues[e] = <G[token_e], W_dec[latent_e]>."""
+
+    @staticmethod
+    def forward(ctx, values, latent, token, offsets, W_dec):
+        out, offset2bag, _, _ = torch.ops.aten._embedding_bag(W_dec, latent, offsets, False, 0, False, values, False, -1)
+        ctx.save_for_backward(values, W_dec, offset2bag, latent, token, offsets)
+        return out  # (B, d)
+
+    @staticmethod
+    def backward(ctx, go: Tensor):
+        values, W_dec, offset2bag, latent, token, offsets = ctx.saved_tensors
+        go = go.contiguous()
+        grad_v = grad_W = None
+        if ctx.needs_input_grad[0]:
+            grad_v = torch.ops.aten._embedding_bag_per_sample_weights_backward(go, W_dec, latent, offsets, offset2bag, 0, -1)
+        if ctx.needs_input_grad[4]:
+            grad_W = rows_matmul(Entries(latent, token, offsets), values.detach(), go, W_dec.shape[0])  # (F, d)
+        return grad_v, None, None, None, grad_W
+
+
+def sparse_decode(values: Tensor, e: Entries, W_dec: Tensor) -> Tensor:
+    """Σ_{e ∈ b} values[e] W_dec[latent_e] for each token b -> (B, d), no bias."""
+    values = values.to(W_dec.dtype)
+    if torch.is_grad_enabled() and (values.requires_grad or W_dec.requires_grad):
+        return SparseDecode.apply(values, e.latent, e.token, e.offsets, W_dec)
+    return F.embedding_bag(e.latent, W_dec, e.offsets, per_sample_weights=values, mode="sum")

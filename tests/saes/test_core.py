@@ -1,4 +1,8 @@
-"""Fast paths vs naive references (values and gradients), selections, registry, bad input."""
+"""Fast paths vs naive references (values and gradients), selections, registry, bad input.
+
+The tests that take the ``path`` fixture run twice: with the CPU-only fast paths of saes.sparse_ops
+(numpy sorts, CSR matmul, BatchTopK candidates) and with the device path that CUDA and meta run.
+"""
 
 
 import pytest
@@ -18,6 +22,12 @@ from saes.reference import (
 SAE_ARCHS = [a for a in architecture_names() if saes.get_class(a).__mro__[1].__name__ != "Module" and hasattr(saes.get_class(a), "select")]
 
 
+@pytest.fixture(params=["cpu-fast-paths", "device-path"])
+def path(request, monkeypatch):
+    monkeypatch.setattr(sparse_ops, "CPU_FAST_PATHS", request.param == "cpu-fast-paths")
+    return request.param
+
+
 def test_registry_names():
     names = architecture_names()
     for n in ("topk", "batchtopk", "feature_choice", "mutual_choice", "codebook"):
@@ -29,7 +39,7 @@ def test_registry_names():
 
 @pytest.mark.parametrize("arch", SAE_ARCHS)
 @pytest.mark.parametrize("with_aux", [False, True])
-def test_fast_forward_matches_dense_reference(make_sae, arch, with_aux):
+def test_fast_forward_matches_dense_reference(make_sae, arch, with_aux, path):
     sae = make_sae(arch)
     sae.train()
     x = torch.randn(48, 32) * 2 + 0.5
@@ -55,7 +65,7 @@ def test_fast_forward_matches_dense_reference(make_sae, arch, with_aux):
         torch.testing.assert_close(g, rg, rtol=1e-4, atol=1e-6)
 
 
-def test_gather_linear_input_grad():
+def test_gather_linear_input_grad(path):
     torch.manual_seed(0)
     x = torch.randn(16, 8, requires_grad=True)
     bd = torch.randn(8, requires_grad=True)
@@ -64,7 +74,7 @@ def test_gather_linear_input_grad():
     pre = ((x - bd) @ W + b).detach()
     idx = pre.topk(5, dim=1).indices
     g = torch.randn(16, 5)
-    v = sparse_ops.gather_linear(x, bd, W, b, pre, idx)
+    v = sparse_ops.gather_linear(x, bd, W, b, pre, sparse_ops.per_token(idx)).view(16, 5)
     gs = torch.autograd.grad((v * g).sum(), [x, bd, W, b])
     ref = ((x - bd) @ W + b).gather(1, idx)
     rs = torch.autograd.grad((ref * g).sum(), [x, bd, W, b])
@@ -72,12 +82,12 @@ def test_gather_linear_input_grad():
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
 
 
-def test_sparse_decode_matches_dense():
+def test_sparse_decode_matches_dense(path):
     torch.manual_seed(0)
     W = torch.randn(50, 7, requires_grad=True)
     vals = torch.rand(9, 4, requires_grad=True)
     idx = torch.randint(0, 50, (9, 4))
-    y = sparse_ops.sparse_decode(vals, idx, W)
+    y = sparse_ops.sparse_decode(vals.reshape(-1), sparse_ops.per_token(idx), W)
     dense = torch.zeros(9, 50).scatter_add(1, idx, vals)
     yr = dense @ W
     torch.testing.assert_close(y, yr)
@@ -88,35 +98,48 @@ def test_sparse_decode_matches_dense():
         torch.testing.assert_close(u, v)
 
 
-def test_padded_selections_match_the_dense_reference():
-    """Padding slots (valid=False, as batch-level variants produce) are skipped by both fast ops;
+def test_variable_length_selections_match_the_dense_reference(path):
+    """Tokens with different numbers of entries (as batch-level variants produce), one with none:
     values, reconstruction and every gradient equal the dense masked computation."""
     torch.manual_seed(1)
     x = torch.randn(12, 8, requires_grad=True)
     bd, W_enc, b = (torch.randn(8, requires_grad=True), torch.randn(8, 30, requires_grad=True), torch.randn(30, requires_grad=True))
     W_dec = torch.randn(30, 8, requires_grad=True)
     pre = ((x - bd) @ W_enc + b).detach()
-    idx = pre.topk(6, dim=1).indices
-    valid = torch.rand(12, 6) < 0.5
-    valid[3] = False  # a token with no latent at all
+    mask = torch.zeros(12, 30, dtype=torch.bool).scatter_(1, pre.topk(6, dim=1).indices, torch.rand(12, 6) < 0.5)
+    mask[3] = False  # a token with no latent at all
+    e = sparse_ops.from_mask(mask)
+    assert torch.equal(e.offsets, torch.cumsum(mask.sum(1), 0) - mask.sum(1))
     g = torch.randn(12, 8)
 
-    vals = sparse_ops.gather_linear(x, bd, W_enc, b, pre, idx, valid).relu()
-    out = sparse_ops.sparse_decode(vals, idx, W_dec, valid)
+    vals = sparse_ops.gather_linear(x, bd, W_enc, b, pre, e).relu()  # (nnz,)
+    out = sparse_ops.sparse_decode(vals, e, W_dec)
     fast = torch.autograd.grad((out * g).sum(), [x, bd, W_enc, b, W_dec])
 
-    ref_vals = ((x - bd) @ W_enc + b).gather(1, idx).relu() * valid
-    ref_out = torch.zeros(12, 30).scatter_add(1, idx, ref_vals) @ W_dec
+    ref_z = ((x - bd) @ W_enc + b).relu() * mask
+    ref_out = ref_z @ W_dec
     ref = torch.autograd.grad((ref_out * g).sum(), [x, bd, W_enc, b, W_dec])
-    torch.testing.assert_close(vals, ref_vals.detach())
+    torch.testing.assert_close(vals, ref_z.detach()[mask])  # CSR order = row-major order of the mask
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(out[3], torch.zeros(8))
     for a, r in zip(fast, ref):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["topk", "mutual_choice"])
-def test_training_step_under_a_callers_bf16_autocast(make_sae, arch):
+def test_entries_are_in_csr_order_with_static_sizes(make_sae, path):
+    """Every trainable variant's selection: nnz = k·B (known before any value), tokens ascending
+    (CSR order), no pair twice, offsets where each token starts."""
+    pre = torch.randn(48, 128)
+    pre[5] += 4.0  # a token with many latents in the batch-level variants
+    for arch in SAE_ARCHS:
+        e = make_sae(arch).select(pre).entries
+        assert e.latent.shape == e.token.shape == (4 * 48,) and e.offsets.shape == (48,), arch
+        assert torch.all(e.token[1:] >= e.token[:-1]) and (e.token * 128 + e.latent).unique().numel() == 4 * 48, arch
+        assert torch.equal(e.offsets, torch.searchsorted(e.token, torch.arange(48))), arch
+
+
+@pytest.mark.parametrize("arch", ["topk", "mutual_choice", "feature_choice"])
+def test_training_step_under_a_callers_bf16_autocast(make_sae, arch, path):
     """Wrapping the whole step in autocast (as users do) works and stays close to fp32."""
     sae = make_sae(arch)
     sae.train()
@@ -129,14 +152,14 @@ def test_training_step_under_a_callers_bf16_autocast(make_sae, arch):
     assert torch.nn.functional.cosine_similarity(grad.flatten(), ref.flatten(), dim=0) > 0.98
 
 
-def test_topk_selection_matches_naive(make_sae):
+def test_topk_selection_matches_naive(make_sae, path):
     sae = make_sae("topk")
     pre = torch.randn(64, 128)
     torch.testing.assert_close(selection_mask(sae.select(pre), pre.shape), naive_topk_mask(pre, 4))
 
 
 @pytest.mark.parametrize("skewed", [False, True])
-def test_batchtopk_selection_matches_naive(make_sae, skewed):
+def test_batchtopk_selection_matches_naive(make_sae, skewed, path):
     sae = make_sae("batchtopk")
     pre = torch.randn(64, 128)
     if skewed:  # one token holds more than 4k of the batch's top entries -> exact fallback path
@@ -147,22 +170,22 @@ def test_batchtopk_selection_matches_naive(make_sae, skewed):
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_batch_topk_pairs_equals_flat_topk_with_saturated_rows(seed):
-    """Rows lifted by different amounts saturate at different candidate depths."""
+def test_batch_topk_keys_equal_flat_topk_with_saturated_rows(seed, path):
+    """Rows lifted by different amounts saturate their candidates (CPU fast path: exact second pass)."""
     gen = torch.Generator().manual_seed(seed)
     pre = torch.randn(48, 200, generator=gen)
     lifted = torch.randperm(48, generator=gen)[:4]
     pre[lifted] += torch.tensor([0.5, 1.5, 3.0, 8.0])[:, None]
-    rows, cols = sparse_ops.batch_topk_pairs(pre, n=6 * 48, row_k=6)
-    got = torch.zeros_like(pre, dtype=torch.bool)
-    got[rows, cols] = True
+    keys = sparse_ops.batch_topk_keys(pre, n=6 * 48, row_k=6)
+    got = torch.zeros(pre.numel(), dtype=torch.bool)
+    got[keys] = True
     want = torch.zeros(pre.numel(), dtype=torch.bool)
     want[pre.reshape(-1).topk(6 * 48).indices] = True
-    assert rows.numel() == 6 * 48 and torch.equal(got, want.view_as(pre))
+    assert keys.numel() == 6 * 48 and torch.equal(got, want)
 
 
 @pytest.mark.parametrize("capacity", ["uniform", "zipf"])
-def test_feature_choice_selection_matches_naive(make_sae, capacity):
+def test_feature_choice_selection_matches_naive(make_sae, capacity, path):
     sae = make_sae("feature_choice", capacity=capacity)
     if capacity == "zipf":
         dens = torch.linspace(1, 0.001, 128) ** 2
@@ -176,6 +199,7 @@ def test_feature_choice_selection_matches_naive(make_sae, capacity):
     mask = selection_mask(sel, pre.shape)
     torch.testing.assert_close(mask, naive_feature_choice_mask(pre, m))
     assert torch.equal(mask.sum(0), m)
+    assert int(m.max()) <= 64
     # threshold statistic: m_i-th largest value per feature
     for i in (0, 5, 100):
         if int(m[i]) > 0:
@@ -220,14 +244,33 @@ def test_zipf_fit_and_underused():
 
     r = torch.arange(1, 201, dtype=torch.float64)
     dens = 0.3 * r ** -1.2
-    c, a = fit_zipf(dens[torch.randperm(200)])
-    assert a == pytest.approx(1.2, rel=1e-6) and c == pytest.approx(0.3, rel=1e-6)
+    c, a = fit_zipf(dens[torch.randperm(200)])  # 0-d tensors on the density's device
+    assert float(a) == pytest.approx(1.2, rel=1e-6) and float(c) == pytest.approx(0.3, rel=1e-6)
+    assert [float(v) for v in fit_zipf(torch.zeros(5))] == [0.0, 0.0]
+    assert [float(v) for v in fit_zipf(torch.tensor([0.0, 0.25, 0.0]))] == [0.25, 0.0]
     dens2 = dens.clone()
     dens2[-20:] *= 0.01  # the tail falls far below the fitted law -> under-used
     dens2[-1] = 0
     m = underused_mask(dens2[torch.arange(199, -1, -1)], 0.1).flip(0)  # order-independent
     assert set(m.nonzero().flatten().tolist()) == set(range(180, 200))
     assert int(underused_mask(dens2, 1e-9).sum()) == 1  # gamma -> 0: only never-fired (dead)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_water_fill_closed_form_matches_the_iterative_one(seed):
+    from saes.feature_choice import water_fill
+    from saes.reference import naive_water_fill
+
+    gen = torch.Generator().manual_seed(seed)
+    F, B = 96, 64
+    alpha = [0.0, 0.5, 1.0, 1.5, 3.0, 6.0][seed]  # from uniform to one feature wanting far more than B
+    w = torch.randperm(F, generator=gen).add(1).double().pow(-alpha)
+    if seed == 1:
+        w[:10] = w[0]  # ties among the capped
+    for total in (4 * B, 40 * B):
+        fast, ref = water_fill(w, total, B), naive_water_fill(w, total, B)
+        torch.testing.assert_close(fast, ref, rtol=1e-12, atol=1e-9)  # float64, sums in another order
+        assert float(fast.max()) <= B and float(fast.sum()) == pytest.approx(total)
 
 
 def test_decoder_constraints(make_sae):
