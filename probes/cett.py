@@ -39,18 +39,22 @@ def _tail_error(acts, norms, w_out, total, eps: float) -> torch.Tensor:
 
 
 class LayerThresholdSearch:
-    """Largest-ε-under-target search for one layer over a fixed calibration sample."""
+    """Largest-ε-under-target search for one layer over a fixed calibration sample.
+
+    Runs where ``w_out`` lives (the model's device; the activations are moved there): the grid is
+    read to the host once, and each new grid point costs one read of its mean CETT.
+    """
 
     def __init__(self, acts: torch.Tensor, w_out: torch.Tensor, grid_size: int = GRID_SIZE):
-        self.acts = acts.float()  # (N, d_mlp)
-        self.w_out = w_out.float()  # (d_model, d_mlp)
+        self.w_out = w_out.detach().float()  # (d_model, d_mlp)
+        self.acts = acts.to(self.w_out.device).float()  # (N, d_mlp)
         self.norms = neuron_norms(self.acts, self.w_out.norm(dim=0))  # (N, d_mlp)
         self.total = (self.acts @ self.w_out.T).norm(dim=-1)  # (N,)
-        flat = self.norms.flatten().sort().values
-        picks = flat[torch.linspace(0, flat.numel() - 1, grid_size).round().long()]
+        flat = self.norms.flatten().sort().values  # (N·d_mlp,)
+        picks = flat[torch.linspace(0, flat.numel() - 1, grid_size, device=flat.device).round().long()]  # (grid_size,)
         # ε just above each picked norm drops that neuron too; ε = 0 drops nothing, the last ε drops all.
-        above = torch.nextafter(picks, torch.tensor(float("inf")))
-        self.grid = torch.cat([torch.zeros(1), above]).unique().tolist()  # ascending ε
+        above = torch.nextafter(picks, torch.full_like(picks, float("inf")))
+        self.grid = torch.cat([picks.new_zeros(1), above]).unique().tolist()  # ascending ε, on the host
         self._known: dict[int, float] = {0: 0.0}  # grid index -> mean CETT; ε=0 drops nothing
 
     def mean_cett(self, index: int) -> float:

@@ -101,9 +101,16 @@ def routed(acts: torch.Tensor, partition: Partition, k: int, remove=()) -> torch
     return torch.where(keep_neuron, acts, torch.zeros((), dtype=acts.dtype, device=acts.device))
 
 
+def _sae_device(sae) -> torch.device:
+    return next(sae.parameters()).device
+
+
 def _sae_encode(sae, acts: torch.Tensor) -> torch.Tensor:
+    """Latents of (n, d) activations, encoded SAE_ROWS at a time on the SAE's device: (n, width) on acts' device."""
+    device = _sae_device(sae)
     with torch.inference_mode():
-        return torch.cat([sae.encode(acts[i : i + SAE_ROWS].float()).float() for i in range(0, acts.shape[0], SAE_ROWS)])
+        return torch.cat([sae.encode(acts[i : i + SAE_ROWS].to(device).float()).float().to(acts.device)
+                          for i in range(0, acts.shape[0], SAE_ROWS)])
 
 
 def _chosen_layers(plan: Plan) -> list[int]:
@@ -183,9 +190,11 @@ def _sae_removal(units: Units, remove: dict[int, np.ndarray]) -> Intervention:
     sae = units.sae
 
     def ablate(a, latents=latents):
+        if _sae_device(sae) != a.device:  # measure() loads it on the model's device; a hook elsewhere moves it once
+            sae.to(a.device)
         idx = torch.as_tensor(latents, device=a.device)
-        flat = a.reshape(-1, a.shape[-1])
-        z = sae.encode(flat.float())
+        flat = a.reshape(-1, a.shape[-1])  # (n, d)
+        z = sae.encode(flat.float())  # (n, width)
         kept = z.index_fill(-1, idx, 0.0)
         return (flat - (sae.decode(z) - sae.decode(kept)).to(flat.dtype)).reshape(a.shape)
 

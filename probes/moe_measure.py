@@ -42,8 +42,9 @@ from probes.moe_capture import Intervention, Pass, run_forward
 from probes.moe_groups import TokenGroups
 from probes.moe_kinds import EXPERT_SOURCES, UNIT_KINDS, Units
 from probes.moe_masking import concept_purges, masking_matrices
-from probes.moe_request import GROUPINGS, KIND_LABELS, MoeRequest, Plan
+from probes.moe_request import GROUPINGS, MoeRequest, Plan
 from probes.moe_results import MoeResult
+from probes.unit_kinds import KIND_LABELS
 from workbench.hooks import Capture
 
 
@@ -57,7 +58,8 @@ def measure(loaded, plan: Plan, tokens: dom.DomainTokens, request: MoeRequest, *
     names = tokens.names
     sae = None
     if plan.sae is not None:
-        sae = saes.load_sae(plan.sae.path, expected_d_in=plan.sae.d_in)
+        # on the activations' device: the removal hook ablates the model's own activations
+        sae = saes.load_sae(plan.sae.path, expected_d_in=plan.sae.d_in).to(next(model.parameters()).device)
         sae.eval()
     units = Units(model, plan, sae)
     source = EXPERT_SOURCES[plan.source]

@@ -47,17 +47,19 @@ class Calibration:
     """Dense activations on the calibration sample and what each rule derives from them."""
 
     def __init__(self, sites: list[MLPSite], acts: list[torch.Tensor], grid_size: int | None = None):
-        self.sites = sites  # acts: per layer (N, d_mlp) float32 on the CPU
+        """acts: per layer (N, d_mlp), any device; everything is computed on each site's (the model's) device."""
+        self.sites = sites
         extra = {"grid_size": grid_size} if grid_size else {}
-        self._cett = [LayerThresholdSearch(a, s.w_out.float().cpu(), **extra) for a, s in zip(acts, sites)]
-        generator = torch.Generator().manual_seed(0)
+        self._cett = [LayerThresholdSearch(a, s.w_out, **extra) for a, s in zip(acts, sites)]
+        generator = torch.Generator().manual_seed(0)  # on the CPU: the same sample on every device
         pooled = []
-        for a in acts:
-            flat = a.abs().flatten()
+        for a, s in zip(acts, sites):
+            flat = a.to(s.w_out.device).abs().flatten()  # (N·d_mlp,)
             if flat.numel() > FAT_SAMPLE_PER_LAYER:
-                flat = flat[torch.randperm(flat.numel(), generator=generator)[:FAT_SAMPLE_PER_LAYER]]
-            pooled.append(flat)
-        self._fat_sorted = torch.cat(pooled).sort().values
+                flat = flat[torch.randperm(flat.numel(), generator=generator)[:FAT_SAMPLE_PER_LAYER].to(flat.device)]
+            pooled.append(flat.float())
+        device = sites[0].w_out.device if sites else torch.device("cpu")
+        self._fat_sorted = torch.cat([p.to(device) for p in pooled]).sort().values
 
     def cett_thresholds(self, target: float) -> list[float]:
         return [search.threshold(target) for search in self._cett]
@@ -66,7 +68,8 @@ class Calibration:
         if quantile <= 0:
             return 0.0
         index = min(self._fat_sorted.numel() - 1, math.ceil(quantile * self._fat_sorted.numel()) - 1)
-        return float(torch.nextafter(self._fat_sorted[index], torch.tensor(math.inf)))  # drops that value too
+        value = self._fat_sorted[index]
+        return float(torch.nextafter(value, torch.full_like(value, math.inf)))  # drops that value too
 
 
 KeepFn = Callable[[MLPSite, torch.Tensor], torch.Tensor]  # (site, acts (b, t, d_mlp)) -> bool keep mask

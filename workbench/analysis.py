@@ -17,6 +17,12 @@ Then, from those rows (one transaction, recomputed whole on every finish):
   (the norm's input-dependent scale is left out, as usual for direct logit effects);
 - related features: the ``N_RELATED`` nearest decoder directions by cosine, with their
   co-occurrence Jaccard |A_f ∩ A_g| / |A_f ∪ A_g| over the analysed tokens.
+
+Everything with the SAE runs on one device (``device``; default: the model's, else CUDA when
+present). A batch is encoded ``ENCODE_ELEMENTS`` dense latents at a time, compacted on the device
+to each token's nonzeros (values, columns) [rows, m], and comes to the host in one packed
+transfer per batch; no dense [tokens, width] array reaches the host. Co-occurrence counts come
+from sorted keys t·width + f and ``searchsorted``, in memory linear in the stored nonzeros.
 """
 
 from __future__ import annotations
@@ -32,9 +38,13 @@ import saes
 from workbench.activations import context_ids, read_contexts
 from workbench.errors import WorkbenchError
 from workbench.storage import insert_arrow
+from workbench.training import run_device
 from workbench.workspace import SAERecord, Workspace, fetch_one, resolve_sae
 
 HIST_BINS, N_TOP, N_BANDS, PER_BAND, N_LOGITS, N_RELATED = 30, 20, 10, 5, 10, 5
+ENCODE_ELEMENTS = 1 << 25  # dense latents per encode chunk: ~6 [rows, width] temporaries of ≤ 128 MiB, < 1 GiB on the device
+COOC_TOKENS = 65_536  # tokens whose stored nonzeros are fetched per co-occurrence step
+COOC_LOOKUPS = 1 << 22  # (nonzero, related feature) lookups per step: ~25 bytes each, ~100 MiB on the device
 
 
 class AnalysisError(WorkbenchError):
@@ -56,16 +66,60 @@ class AnalysisSummary:
     live_features: int
 
 
-def analyze(ws: Workspace, sae_ref: str | int, *, model=None, batch_contexts: int = 64, progress: bool = True) -> AnalysisSummary:
+def sparse_codes(sae: torch.nn.Module, x: torch.Tensor, m: int) -> torch.Tensor:
+    """Each row's nonzero latents z = encode(x), packed for one transfer; no value is read (runs on ``meta``).
+
+    x [n, d] on the SAE's device. Returns int32 [1 + 2·n·m] on that device: the largest nonzero
+    count of a row, then values [n, m] (float32 bits) and columns [n, m]. A row's nonzeros come
+    first, in ascending column order (the order of ``z.nonzero()``), then zeros; a row with more
+    than m nonzeros is cut, which the count shows. Dense memory: ENCODE_ELEMENTS latents at a time.
+    """
+    width = sae.cfg.width
+    rows = max(1, ENCODE_ELEMENTS // width)
+    weight = torch.arange(width, 0, -1, dtype=torch.int32, device=x.device)  # [width]: larger for lower columns
+    bound = torch.zeros(1, dtype=torch.int32, device=x.device)
+    values, columns = [], []
+    for start in range(0, x.shape[0], rows):
+        z = sae.encode(x[start : start + rows])  # [r, width]
+        fired = z != 0  # NaN counts as fired, as in nonzero()
+        bound = torch.maximum(bound, fired.sum(1, dtype=torch.int32).amax().reshape(1))
+        cols = (fired * weight).topk(m, dim=1).indices  # [r, m]: distinct keys where fired, 0 elsewhere
+        values.append(z.gather(1, cols).float().view(torch.int32).reshape(-1))  # [r·m]
+        columns.append(cols.int().reshape(-1))  # [r·m]
+    return torch.cat([bound, *values, *columns])
+
+
+def encode_nonzeros(sae: torch.nn.Module, x: torch.Tensor, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(row, column, value) of every nonzero of encode(x), in ``z.nonzero()`` order, as host arrays,
+    and the slot count m to use next. One host transfer per call, plus one per growth of m (a
+    row had more than m nonzeros: m at least doubles and the batch is encoded again)."""
+    n = x.shape[0]
+    while True:
+        with torch.no_grad():
+            packed = sparse_codes(sae, x, m).cpu().numpy()  # the one host read
+        if packed[0] <= m:
+            break
+        m = min(sae.cfg.width, max(2 * m, int(packed[0])))
+    values = packed[1 : 1 + n * m].view(np.float32).reshape(n, m)
+    columns = packed[1 + n * m :].reshape(n, m)
+    row, slot = np.nonzero(values != 0)  # row-major: by row, then column ascending
+    return row, columns[row, slot], values[row, slot], m
+
+
+def analyze(ws: Workspace, sae_ref: str | int, *, model=None, batch_contexts: int = 64, progress: bool = True,
+            device: str | torch.device | None = None) -> AnalysisSummary:
     """Encode every cached token of the SAE's hook and store nonzeros and statistics (resumable).
 
     ``model`` (the run's ``LoadedModel``) is needed for logit effects; without it they are skipped.
+    ``device``: where the SAE encodes (None: the model's device, else CUDA when present).
     """
     if isinstance(batch_contexts, bool) or not isinstance(batch_contexts, int) or batch_contexts <= 0:
         raise AnalysisError(f"contexts per batch must be a positive integer, got {batch_contexts!r}")
+    device = run_device(device, model)
     record = resolve_sae(ws, sae_ref)
-    sae = saes.load_sae(record.path, expected_d_in=record.d_in)
+    sae = saes.load_sae(record.path, expected_d_in=record.d_in).to(device)
     sae.eval()
+    slots = max(1, min(record.width, sae.cfg.k))  # nonzero slots per token: grows when a token has more
     ids = context_ids(ws, record.hook, run_id=record.run_id, split="all")
     if not ids:
         raise AnalysisError(f"hook '{record.hook}' of run {record.run_id} has no cached contexts")
@@ -88,15 +142,14 @@ def analyze(ws: Workspace, sae_ref: str | int, *, model=None, batch_contexts: in
         for start in range(done, len(ids), batch_contexts):
             chunk = ids[start : start + batch_contexts]
             acts = read_contexts(ws, record.hook, chunk, run_id=record.run_id)[:, 1:]  # [n, L-1, d], BOS left out
-            with torch.no_grad():
-                z = sae.encode(acts.reshape(-1, acts.shape[-1]))  # [n·(L-1), width]
-            token, feature = z.nonzero(as_tuple=True)
+            x = acts.reshape(-1, acts.shape[-1]).to(device, non_blocking=True)  # [n·(L-1), d]
+            token, feature, value, slots = encode_nonzeros(sae, x, slots)  # host arrays [nonzeros] each
             rows = pa.table({
-                "sae_id": np.full(token.numel(), record.sae_id, np.int32),
-                "context_id": np.asarray(chunk, np.int64)[(token // (ctx_len - 1)).numpy()],
-                "position": (token % (ctx_len - 1) + 1).numpy().astype(np.int16),
-                "feature": feature.numpy().astype(np.int32),
-                "value": z[token, feature].numpy().astype(np.float32),
+                "sae_id": np.full(token.size, record.sae_id, np.int32),
+                "context_id": np.asarray(chunk, np.int64)[token // (ctx_len - 1)],
+                "position": (token % (ctx_len - 1) + 1).astype(np.int16),
+                "feature": feature.astype(np.int32),
+                "value": value.astype(np.float32),
             })
             with ws.transaction() as con:
                 insert_arrow(con, "feature_acts", rows)
@@ -248,30 +301,19 @@ def _store_related(con, record: SAERecord, directions: torch.Tensor, context_ids
     k = min(N_RELATED, record.width - 1)
     if k <= 0:
         return
+    device = directions.device
     features, others, cosines = [], [], []
     for start in range(0, record.width, 1024):
-        block = directions[start : start + 1024] @ directions.T  # [b, width]
-        block[torch.arange(block.shape[0]), torch.arange(start, start + block.shape[0])] = -2.0  # not itself
-        values, indices = _top_k_total(block, k)  # equal cosines (e.g. duplicated directions): lower id first
+        block = directions[start : start + 1024] @ directions.T  # [b, width] on the device
+        diagonal = torch.arange(block.shape[0], device=device)
+        block[diagonal, diagonal + start] = -2.0  # not itself
+        values, indices = _top_k_total(block, k)  # [b, k] on the CPU; equal cosines (e.g. duplicated directions): lower id first
         features.append(torch.arange(start, start + block.shape[0]).repeat_interleave(k))
         others.append(indices.reshape(-1))
         cosines.append(values.reshape(-1))
-    feature, other, cosine = torch.cat(features), torch.cat(others), torch.cat(cosines)  # [width·k] each
+    feature, other, cosine = torch.cat(features), torch.cat(others), torch.cat(cosines)  # [width·k] each, feature-major
 
-    both = torch.zeros(feature.numel(), dtype=torch.int64)
-    per_chunk = max(1, 8192 // ctx_len)  # ~8k tokens: the dense mask is [8k, width] booleans
-    for start in range(0, len(context_ids_), per_chunk):
-        chunk = context_ids_[start : start + per_chunk]
-        rows = con.execute(
-            """SELECT context_id, position, feature FROM feature_acts
-               WHERE sae_id = ? AND context_id IN (SELECT unnest(?::BIGINT[]))""",
-            [record.sae_id, chunk],
-        ).fetchnumpy()
-        slot = np.searchsorted(np.asarray(chunk, np.int64), rows["context_id"])  # chunk ids are ascending
-        token = torch.from_numpy(slot * ctx_len + rows["position"].astype(np.int64))
-        fires = torch.zeros(len(chunk) * ctx_len, record.width, dtype=torch.bool)  # [tokens, width]
-        fires[token, torch.from_numpy(rows["feature"].astype(np.int64))] = True
-        both += (fires[:, feature] & fires[:, other]).sum(0)
+    both = _cooccurrence(con, record, other.view(record.width, k).to(device), context_ids_, ctx_len).reshape(-1).cpu()
     n_fired = torch.zeros(record.width, dtype=torch.int64)
     for f, n in con.execute("SELECT feature, n_fired FROM feature_stats WHERE sae_id = ?", [record.sae_id]).fetchall():
         n_fired[f] = n
@@ -284,6 +326,38 @@ def _store_related(con, record: SAERecord, directions: torch.Tensor, context_ids
         "cosine": cosine.numpy().astype(np.float32),
         "cooccurrence": jaccard.numpy().astype(np.float32),
     }))
+
+
+def _cooccurrence(con, record: SAERecord, others: torch.Tensor, context_ids_: list[int], ctx_len: int) -> torch.Tensor:
+    """both[f, j] = #{tokens where f and others[f, j] both fire}: [width, k] int64 on others' device.
+
+    Per step of COOC_TOKENS tokens, the stored nonzeros (t, f) become sorted keys t·width + f, and for
+    every nonzero and each of its feature's k related features g the key t·width + g is looked up
+    (``searchsorted``). Memory: the step's keys, 24 bytes per nonzero on the device, plus
+    COOC_LOOKUPS lookups of ~25 bytes at a time; nothing of size tokens × width (or × k × k) exists.
+    """
+    width, k = others.shape
+    device = others.device
+    both = torch.zeros(width, k, dtype=torch.int64, device=device)
+    per_chunk = max(1, COOC_TOKENS // ctx_len)
+    step = max(1, COOC_LOOKUPS // k)  # nonzeros looked up at a time
+    for start in range(0, len(context_ids_), per_chunk):
+        chunk = context_ids_[start : start + per_chunk]
+        rows = con.execute(
+            """SELECT context_id, position, feature FROM feature_acts
+               WHERE sae_id = ? AND context_id IN (SELECT unnest(?::BIGINT[]))""",
+            [record.sae_id, chunk],
+        ).fetchnumpy()
+        slot = np.searchsorted(np.asarray(chunk, np.int64), rows["context_id"])  # chunk ids are ascending
+        token = torch.from_numpy(slot * ctx_len + rows["position"].astype(np.int64)).to(device)  # [nnz]
+        fired = torch.from_numpy(rows["feature"].astype(np.int64)).to(device)  # [nnz]
+        keys = (token * width + fired).sort().values  # [nnz], unique: a token fires a feature once
+        for i in range(0, keys.numel(), step):  # none when the chunk stored nothing
+            t, f = token[i : i + step], fired[i : i + step]  # [s]
+            query = t[:, None] * width + others[f]  # [s, k]: (token, related feature) keys
+            found = keys[torch.searchsorted(keys, query).clamp_(max=keys.numel() - 1)] == query  # [s, k]
+            both.index_add_(0, f, found.long())
+    return both
 
 
 def unembedding(model) -> tuple[torch.Tensor, torch.Tensor]:

@@ -169,7 +169,8 @@ def features_for_prompt(loaded, sae_module: torch.nn.Module, hook: str, text: st
     """Run ``text`` through the model live and list the top features on each token.
 
     Returns tokens, a [n_tokens, top] table of feature ids and values, and ``truncated`` when the
-    prompt was cut to the model's context length. Not thread-safe: it attaches a hook to the
+    prompt was cut to the model's context length. The SAE encodes on its own device (the
+    activations move there); only the [n_tokens, top] table comes to the host. Not thread-safe: it attaches a hook to the
     shared model for the duration of the forward, so concurrent callers must serialise.
     """
     from workbench.hooks import attached
@@ -182,7 +183,10 @@ def features_for_prompt(loaded, sae_module: torch.nn.Module, hook: str, text: st
     seen = {}
     with torch.inference_mode(), attached(loaded.model, [(hook, lambda acts, hook: seen.setdefault("acts", acts))]):
         loaded.model(torch.tensor([ids], device=loaded.model.cfg.device))
-    z = sae_module.encode(seen["acts"][0, 1:].float().cpu())  # [n, width], BOS left out
-    values, features = z.topk(min(top, z.shape[1]), dim=1)
+    param = next(sae_module.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    with torch.no_grad():
+        z = sae_module.encode(seen["acts"][0, 1:].to(device).float())  # [n, width] on the SAE's device, BOS left out
+        values, features = z.topk(min(top, z.shape[1]), dim=1)  # [n, top]
     tokens = [loaded.tokenizer.decode([t]) for t in ids[1:]]
     return {"tokens": tokens, "features": features.tolist(), "values": values.tolist(), "truncated": truncated}

@@ -48,6 +48,21 @@ class TrainedSAE:
     resumed_from_step: int
 
 
+def model_device(model) -> torch.device:
+    """The device of a ``LoadedModel``'s (or a bare module's) parameters."""
+    module = getattr(model, "model", model)
+    param = next(module.parameters(), None)
+    return param.device if param is not None else torch.device(str(module.cfg.device))
+
+
+def run_device(device: str | torch.device | None, model=None) -> torch.device:
+    """Where a training, evaluation or analysis runs: ``device`` resolved by ``saes.resolve_device``;
+    None means the model's device when a model is given, else auto (CUDA when present)."""
+    if device is None and model is not None:
+        return model_device(model)
+    return saes.resolve_device(device)
+
+
 def default_name(sae_cfg: saes.SAEConfig, hook: str) -> str:
     return f"{hook}.{sae_cfg.arch}.w{sae_cfg.width}.k{sae_cfg.k}"
 
@@ -62,8 +77,11 @@ def train_tokens_available(ws: Workspace, run_id: int, hook: str) -> int:
     return len(context_ids(ws, hook, run_id=run_id, split="train")) * (ctx_len - 1)
 
 
-def available_memory() -> int:
-    """Bytes of memory this process can still take (MemAvailable; total RAM where that is unknown)."""
+def available_memory(device: torch.device | None = None) -> int:
+    """Bytes of memory this process can still take on ``device``: free GPU memory on CUDA, else the
+    host's MemAvailable (total RAM where that is unknown)."""
+    if device is not None and device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -74,12 +92,13 @@ def available_memory() -> int:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def check_fits_in_memory(sae_cfg: saes.SAEConfig, batch_size: int) -> None:
-    need, have = sae_cfg.training_bytes(batch_size), available_memory()
+def check_fits_in_memory(sae_cfg: saes.SAEConfig, batch_size: int, device: torch.device | None = None) -> None:
+    need, have = sae_cfg.training_bytes(batch_size), available_memory(device)
     if need > have:
+        where = f" on {device}" if device is not None and device.type == "cuda" else ""
         raise TrainingError(
             f"a {sae_cfg.arch} dictionary of width {sae_cfg.width:,} on d={sae_cfg.d_in} with batches of {batch_size:,} "
-            f"needs at least {need / 2**30:,.1f} GiB to train; {have / 2**30:,.1f} GiB are available"
+            f"needs at least {need / 2**30:,.1f} GiB to train; {have / 2**30:,.1f} GiB are available{where}"
         )
 
 
@@ -123,13 +142,16 @@ def train_sae(
     run_id: int | None = None,
     out: Path | None = None,
     model=None,
+    device: str | torch.device | None = None,
 ) -> TrainedSAE:
     """Train one SAE on ``hook``'s training split, save it, evaluate it on the held-out split.
 
     ``sae_fields`` are ``SAEConfig`` fields except ``d_in``, which comes from the cache. With
     ``model`` (a loaded ``LoadedModel`` of the run's model) the metrics include CE loss
-    recovered and KL with the reconstruction spliced in.
+    recovered and KL with the reconstruction spliced in. ``device`` (see ``run_device``) is where
+    the batches arrive, the SAE trains and the evaluation runs; the saved weights are device-free.
     """
+    device = run_device(device, model)
     run_id = ws.resolve_hook_run(hook, run_id)
     sae_cfg = saes.SAEConfig(d_in=hook_dim(ws, run_id, hook), **sae_fields)
     available = train_tokens_available(ws, run_id, hook)
@@ -142,12 +164,13 @@ def train_sae(
     path = Path(out).expanduser().resolve() if out else confined(ws.weights_dir, name)
     config = {"sae": sae_cfg.to_dict(), "train": train_cfg.to_dict(), "hook": hook, "run_id": run_id}
     _existing(ws, name, config)  # every check before anything is written
-    check_fits_in_memory(sae_cfg, train_cfg.batch_size)
+    check_fits_in_memory(sae_cfg, train_cfg.batch_size, device)
     check_writable_dir(path, "weights folder")
     with ws.transaction():
         sae_id, resuming = _register(ws, name, run_id, hook, sae_cfg, config, path)
     epochs = math.ceil(train_cfg.total_tokens / available) + 1  # the trainer stops at total_tokens
-    batches = iter_activations(ws, hook, train_cfg.batch_size, seed=train_cfg.seed, run_id=run_id, split="train", epochs=epochs)
+    batches = iter_activations(ws, hook, train_cfg.batch_size, seed=train_cfg.seed, run_id=run_id, split="train", epochs=epochs,
+                               device=device)  # [batch_size, d] float32 on the device
 
     def log(line: dict) -> None:
         ws.con.execute(
@@ -156,9 +179,9 @@ def train_sae(
         )
 
     with ws.job("saes", sae_id):  # a failure is recorded on the row; the same command resumes
-        result = saes.train(sae_cfg, train_cfg, batches, on_log=log, checkpoint_dir=path, resume=resuming)
-        saes.save_sae(result.sae, path)
-        metrics = evaluate(ws, result.sae, hook, run_id=run_id, model=model)
+        result = saes.train(sae_cfg, train_cfg, batches, on_log=log, checkpoint_dir=path, resume=resuming, device=device)
+        saes.save_sae(result.sae, path)  # safetensors on the CPU whatever the SAE's device
+        metrics = evaluate(ws, result.sae, hook, run_id=run_id, model=model, device=device)
         metrics["train_tokens"] = result.tokens
         metrics["dead_tokens_window"] = result.dead_tokens
         _finish(ws, sae_id, metrics)
@@ -172,14 +195,20 @@ def _finish(ws: Workspace, sae_id: int, metrics: dict[str, float]) -> None:
                     [json.dumps(metrics), sae_id])
 
 
-def evaluate(ws: Workspace, sae: torch.nn.Module, hook: str, *, run_id: int | None = None, model=None) -> dict[str, float]:
-    """SAEBench-style core metrics on the held-out split; downstream ones when a model is given."""
+def evaluate(ws: Workspace, sae: torch.nn.Module, hook: str, *, run_id: int | None = None, model=None,
+             device: str | torch.device | None = None) -> dict[str, float]:
+    """SAEBench-style core metrics on the held-out split; downstream ones when a model is given.
+
+    The SAE is moved to ``device`` (see ``run_device``) and the held-out batches arrive there; the
+    held-out tokens go to the model's device (the spliced patch moves activations to the SAE and back).
+    """
+    device = run_device(device, model)
     run_id = ws.resolve_hook_run(hook, run_id)
-    sae.eval()
-    held_out = iter_activations(ws, hook, 1024, seed=0, run_id=run_id, split="test", epochs=1, drop_last=False)
+    sae.to(device).eval()
+    held_out = iter_activations(ws, hook, 1024, seed=0, run_id=run_id, split="test", epochs=1, drop_last=False, device=device)
     metrics = reconstruction_metrics(sae, held_out)
     if model is not None:
-        tokens = held_out_tokens(ws, hook, run_id, limit=EVAL_CONTEXTS).to(model.model.cfg.device)
+        tokens = held_out_tokens(ws, hook, run_id, limit=EVAL_CONTEXTS).to(model_device(model))  # [n, L]
         metrics.update(downstream_metrics(spliced_loss(model.model, hook, tokens), sae))
     return metrics
 
@@ -200,21 +229,27 @@ def spliced_loss(model, hook_name: str, tokens: torch.Tensor, batch_size: int = 
 
     Runs the model with ``hook_name``'s activation at positions ≥ 1 replaced by ``patch(acts)`` (BOS
     is left alone: its residual is an outlier no dictionary is trained on) and returns the
-    next-token losses [n, L−1] and logits [n, L−1, vocab] for positions 0..L−2.
+    next-token losses [n, L−1] (float32) and logits [n, L−1, vocab] (the model's dtype: bfloat16
+    on CUDA by default, half the memory of float32) for positions 0..L−2, on the model's device.
+    The logits are written into one preallocated tensor, never held twice.
     """
 
     def run_loss(patch):
         def splice(acts: torch.Tensor, hook) -> torch.Tensor:
             return torch.cat([acts[:, :1], patch(acts[:, 1:])], dim=1)
 
-        losses, logits = [], []
-        for start in range(0, tokens.shape[0], batch_size):
-            chunk = tokens[start : start + batch_size]  # [b, L]
-            with torch.inference_mode(), attached(model, [(hook_name, splice)] if patch else []):
-                out = model(chunk).float()[:, :-1]  # [b, L-1, vocab]
-            losses.append(F.cross_entropy(out.transpose(1, 2), chunk[:, 1:], reduction="none"))  # [b, L-1]
-            logits.append(out)
-        return torch.cat(losses), torch.cat(logits)
+        n, L = tokens.shape
+        losses = logits = None
+        with torch.inference_mode(), attached(model, [(hook_name, splice)] if patch else []):
+            for start in range(0, n, batch_size):
+                chunk = tokens[start : start + batch_size]  # [b, L]
+                out = model(chunk)[:, :-1]  # [b, L-1, vocab]
+                if logits is None:
+                    logits = out.new_empty(n, L - 1, out.shape[-1])  # [n, L-1, vocab]
+                    losses = torch.empty(n, L - 1, dtype=torch.float32, device=out.device)  # [n, L-1]
+                logits[start : start + chunk.shape[0]] = out
+                losses[start : start + chunk.shape[0]] = F.cross_entropy(out.float().transpose(1, 2), chunk[:, 1:], reduction="none")
+        return losses, logits
 
     return run_loss
 
@@ -226,9 +261,10 @@ def trained_saes(ws: Workspace) -> list[dict]:
 
 
 def register_saved(ws: Workspace, directory: Path, hook: str, *, name: str | None = None, run_id: int | None = None,
-                   model=None) -> TrainedSAE:
+                   model=None, device: str | torch.device | None = None) -> TrainedSAE:
     """Load an SAE saved in SAELens layout (by this project or by sae-lens), check it fits the
-    hook, evaluate it on the held-out split and record it in the workspace."""
+    hook, evaluate it on the held-out split (on ``device``, see ``run_device``) and record it in the workspace."""
+    device = run_device(device, model)
     run_id = ws.resolve_hook_run(hook, run_id)
     directory = Path(directory).expanduser().resolve()
     sae = saes.load_sae(directory, expected_d_in=hook_dim(ws, run_id, hook))
@@ -238,6 +274,6 @@ def register_saved(ws: Workspace, directory: Path, hook: str, *, name: str | Non
     with ws.transaction():
         sae_id, _ = _register(ws, name, run_id, hook, sae.cfg, config, directory)
     with ws.job("saes", sae_id):
-        metrics = evaluate(ws, sae, hook, run_id=run_id, model=model)
+        metrics = evaluate(ws, sae, hook, run_id=run_id, model=model, device=device)
         _finish(ws, sae_id, metrics)
     return TrainedSAE(sae_id, name, directory, metrics, 0)
