@@ -1,11 +1,12 @@
 """Cache activations at chosen hooks into the workspace, resumably.
 
-One forward pass serves every requested hook and stops after the deepest requested block.
-Each batch of contexts is written in one transaction (contexts, tokens, documents used and the
-activations of every hook), so a run killed at any point keeps only whole batches; running the
-same command again finds the run by its configuration and continues after the last committed
-context. Context ids are ``run_id << 32 | index in the seeded stream``, so a resumed run writes
-exactly the rows an uninterrupted one would.
+One forward pass serves every requested hook and stops after the deepest requested block. While
+the model runs batch b, a writer thread (``workbench.cache_writer``) stores batch b-1: the
+contexts, tokens, documents used and the activations of every hook, ``commit_contexts`` contexts
+(whole forward batches) per transaction. A run killed at any point keeps only whole
+transactions; running the same command again finds the run by its configuration and continues
+after the last committed context. Context ids are ``run_id << 32 | index in the seeded stream``,
+so a resumed run writes exactly the rows an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Literal, Sequence
@@ -22,20 +24,17 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
+from workbench.cache_writer import CONTEXT_ID_SHIFT, CacheError, CacheWriter, HostBatch, to_host
 from workbench.data import Corpus, chunk_and_tokenize, token_strings
-from workbench.errors import WorkbenchError
 from workbench.hooks import Capture, attached, stop_layer, validate_hooks
 from workbench.models import LoadedModel, max_context
-from workbench.storage import STORAGE_DTYPES, insert_arrow
+from workbench.storage import STORAGE_DTYPES, bulk_blob_settings, insert_arrow
 from workbench.workspace import Workspace, ensure_writable, fetch_one
 
-CONTEXT_ID_SHIFT = 32
+__all__ = ["CONTEXT_ID_SHIFT", "CacheError", "CacheRequest", "CacheSummary", "ActivationCacher", "cache", "run_cache"]
+
 MAX_CONTEXTS = 2**31 - 1  # a context's index is a 32-bit column (and the low half of its id)
 MAX_CTX = 2**15 - 1  # positions are 16-bit
-
-
-class CacheError(WorkbenchError):
-    """Bad caching arguments, caught before anything is written."""
 
 
 @dataclass(frozen=True)
@@ -53,11 +52,13 @@ class CacheRequest:
     ctx_len: int = 128
     """Context length in tokens, BOS included."""
     batch_size: int = 16
-    """Contexts per forward pass and per committed transaction."""
+    """Contexts per forward pass."""
     seed: int = 0
     """Seed of the document order (recorded in the run)."""
     dtype: Literal["float16", "bfloat16"] = "float16"
     """Storage dtype, 2 bytes per dimension (float16 is refused where an activation would overflow it)."""
+    commit_contexts: int = 128
+    """Contexts per committed transaction, rounded up to whole batches: what a killed job keeps, and what a rerun redoes at most."""
 
     def __post_init__(self) -> None:
         if self.tokens <= 0:
@@ -69,6 +70,8 @@ class CacheRequest:
                              f"a run holds at most {MAX_CONTEXTS:,} contexts")
         if self.batch_size <= 0:
             raise CacheError(f"--batch must be a positive number of contexts, got {self.batch_size}")
+        if self.commit_contexts <= 0:
+            raise CacheError(f"--commit-contexts must be a positive number of contexts, got {self.commit_contexts}")
         if self.dtype not in STORAGE_DTYPES:
             raise CacheError(f"--dtype must be one of {', '.join(STORAGE_DTYPES)}, got '{self.dtype}'")
         if len(set(self.hooks)) != len(self.hooks):
@@ -79,10 +82,10 @@ class CacheRequest:
         return math.ceil(self.tokens / self.ctx_len)
 
     def identity(self) -> dict:
-        """The fields that define a run (everything but the size and the batching)."""
+        """The fields that define a run (everything but the size, the batching and the commit size)."""
         fields = asdict(self)
         fields["hooks"] = sorted(self.hooks)
-        del fields["tokens"], fields["batch_size"]
+        del fields["tokens"], fields["batch_size"], fields["commit_contexts"]
         return fields
 
 
@@ -114,17 +117,6 @@ def validate_request(loaded: LoadedModel, request: CacheRequest) -> None:
         raise CacheError(f"--ctx {request.ctx_len} exceeds the model's context length {limit}")
 
 
-def to_storage(acts: torch.Tensor, dtype: str) -> np.ndarray:
-    """float activations → 2-byte floats as int16 bit patterns (numpy has no bfloat16);
-    ``activations._blobs_to_tensor`` reverses it."""
-    stored = acts.to(STORAGE_DTYPES[dtype])
-    if not torch.isfinite(stored).all():
-        raise CacheError(
-            f"activations overflow {dtype} (max |x| = {acts.abs().max().item():.3g}); use --dtype bfloat16"
-        )
-    return stored.view(torch.int16).cpu().numpy()
-
-
 def _batches(contexts: Iterable, size: int) -> Iterator[list]:
     batch: list = []
     for context in contexts:
@@ -146,6 +138,8 @@ class ActivationCacher:
         self.corpus = corpus
         self.request = request
         self.stop_at = stop_layer(request.hooks, loaded.model.cfg.n_layers)
+        self.transactions = 0  # transactions the last run() committed
+        self.tail_s = 0.0  # seconds of the last run() after its last batch was handed to the writer (last commit, checkpoint)
 
     # -- run bookkeeping -------------------------------------------------------------------
     def _corpus_id(self) -> int:
@@ -226,21 +220,29 @@ class ActivationCacher:
             desc=f"caching run {run_id}", disable=not progress, dynamic_ncols=True,
         )
         capture = Capture(req.hooks)
-        written = done
-        with self.ws.job("runs", run_id), bar, attached(self.loaded.model, capture.hooks()):
-            for batch in _batches(remaining, req.batch_size):
-                tokens = torch.tensor([c.token_ids for c in batch], device=self.loaded.model.cfg.device)  # [B, L]
-                with torch.inference_mode():
-                    self.loaded.model(tokens, stop_at_layer=self.stop_at)
-                self._write_batch(run_id, corpus_id, batch, capture.latest, stored_docs)
-                written += len(batch)
-                bar.update(len(batch) * req.ctx_len)
+        written, shown = done, done  # contexts forwarded / shown as committed
+        # The writer thread owns the database from here until it has finished (see workbench.cache_writer).
+        with self.ws.job("runs", run_id), bar, attached(self.loaded.model, capture.hooks()), bulk_blob_settings(self.ws.con):
+            writer = CacheWriter(self.ws.con, run_id=run_id, corpus_id=corpus_id, corpus=self.corpus, dtype=req.dtype,
+                                 ctx_len=req.ctx_len, commit_contexts=req.commit_contexts, stored_docs=stored_docs,
+                                 insert=insert_arrow)
+            with writer:
+                for batch in _batches(remaining, req.batch_size):
+                    tokens = torch.tensor([c.token_ids for c in batch], device=self.loaded.model.cfg.device)  # [B, L]
+                    with torch.inference_mode():
+                        self.loaded.model(tokens, stop_at_layer=self.stop_at)
+                        acts, ready = to_host({hook: capture.latest[hook] for hook in req.hooks}, req.dtype)
+                    writer.put(HostBatch(batch, acts, ready))
+                    written += len(batch)
+                    shown = _show(bar, done + writer.committed, shown, req.ctx_len)
+                handed = time.perf_counter()
+            _show(bar, done + writer.committed, shown, req.ctx_len)
         with self.ws.transaction() as con:
             con.execute(
                 "UPDATE runs SET status = 'done', n_contexts_target = ?, finished_at = current_timestamp WHERE run_id = ?",
                 [written, run_id],
             )
-        return CacheSummary(
+        summary = CacheSummary(
             run_id=run_id,
             hooks=req.hooks,
             n_contexts=written,
@@ -248,44 +250,15 @@ class ActivationCacher:
             resumed_from=done,
             bytes_per_token=stored_bytes_per_token(self.ws, run_id),
         )
+        self.transactions, self.tail_s = writer.transactions, time.perf_counter() - handed
+        return summary
 
-    def _write_batch(self, run_id: int, corpus_id: int, batch: list, acts: dict[str, torch.Tensor], stored_docs: set[int]) -> None:
-        L = self.request.ctx_len
-        ids = np.array([(run_id << CONTEXT_ID_SHIFT) | c.index for c in batch], dtype=np.int64)  # [B]
-        contexts = pa.table({"context_id": ids, "run_id": np.full(len(batch), run_id, np.int32),
-                             "corpus_context": np.array([c.index for c in batch], np.int32)})
-        tokens = pa.table(
-            {
-                "context_id": np.repeat(ids, L),
-                "position": np.tile(np.arange(L, dtype=np.int16), len(batch)),
-                "token_id": np.array([c.token_ids for c in batch], dtype=np.int32).reshape(-1),
-                "doc_id": np.array([c.doc_ids for c in batch], dtype=np.int32).reshape(-1),
-            }
-        )
-        blobs = {hook: to_storage(acts[hook], self.request.dtype) for hook in self.request.hooks}  # each [B, L, d] int16
-        activations = pa.table(
-            {
-                "run_id": np.full(len(batch) * len(blobs), run_id, np.int32),
-                "hook": [hook for hook in blobs for _ in batch],
-                "context_id": np.concatenate([ids for _ in blobs]),
-                "data": [blobs[hook][i].tobytes() for hook in blobs for i in range(len(batch))],
-            },
-            schema=pa.schema([("run_id", pa.int32()), ("hook", pa.string()), ("context_id", pa.int64()), ("data", pa.binary())]),
-        )
-        new_docs = sorted({d for c in batch for d in c.doc_ids if d >= 0} - stored_docs)
-        documents = pa.table(
-            {
-                "corpus_id": np.full(len(new_docs), corpus_id, np.int32),
-                "doc_id": np.array(new_docs, np.int32),
-                "domain": [self.corpus.documents[d].domain for d in new_docs],
-                "source": [self.corpus.documents[d].source for d in new_docs],
-                "text": [self.corpus.documents[d].text for d in new_docs],
-            }
-        )
-        with self.ws.transaction() as con:
-            for name, rows in (("contexts", contexts), ("tokens", tokens), ("activations", activations), ("documents", documents)):
-                insert_arrow(con, name, rows)
-        stored_docs.update(new_docs)
+
+def _show(bar, committed: int, shown: int, ctx_len: int) -> int:
+    """Advance the progress bar to the committed contexts (what a kill would keep)."""
+    if committed > shown:
+        bar.update((committed - shown) * ctx_len)
+    return max(committed, shown)
 
 
 def stored_bytes_per_token(ws: Workspace, run_id: int) -> float:
@@ -300,22 +273,25 @@ def stored_bytes_per_token(ws: Workspace, run_id: int) -> float:
 
 
 def run_cache(*, db: str | Path, model: str, hooks: Sequence[str], corpus: str, tokens: int, ctx: int = 128,
-              batch: int = 16, seed: int = 0, dtype: str = "float16", device: str | None = None, progress: bool = True):
+              batch: int = 16, seed: int = 0, dtype: str = "float16", device: str | None = None, progress: bool = True,
+              commit_contexts: int = 128, model_dtype: str | None = None):
     """Cache ``tokens`` tokens of ``corpus`` at ``hooks`` of ``model`` into workspace ``db`` (created if
     missing; a rerun of the same request resumes). See ``cache``."""
     request = CacheRequest(model=model, hooks=tuple(hooks), corpus=corpus, tokens=tokens, ctx_len=ctx,
-                           batch_size=batch, seed=seed, dtype=dtype)
-    return cache(db, request, device=device, progress=progress)
+                           batch_size=batch, seed=seed, dtype=dtype, commit_contexts=commit_contexts)
+    return cache(db, request, device=device, model_dtype=model_dtype, progress=progress)
 
 
-def cache(db: str | Path, request: CacheRequest, *, device: str | None = None, progress: bool = True) -> CacheSummary:
-    """Run ``request`` into workspace ``db``. Everything is checked first, cheap checks before the
-    model loads, so bad input fails fast and writes nothing."""
+def cache(db: str | Path, request: CacheRequest, *, device: str | None = None, model_dtype: str | None = None,
+          progress: bool = True) -> CacheSummary:
+    """Run ``request`` into workspace ``db`` with the model on ``device`` in ``model_dtype`` (None:
+    auto, ``workbench.devices``). Everything is checked first, cheap checks before the model loads,
+    so bad input fails fast and writes nothing."""
     from workbench.data import load_corpus
     from workbench.models import load_model
 
     ensure_writable(db)  # missing folder, read-only, busy, not a workspace: before the model loads
-    loaded = load_model(request.model, device=device)
+    loaded = load_model(request.model, device=device, dtype=model_dtype)
     validate_request(loaded, request)
     documents = load_corpus(request.corpus)
     with Workspace(db) as ws:

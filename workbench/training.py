@@ -179,7 +179,10 @@ def train_sae(
         )
 
     with ws.job("saes", sae_id):  # a failure is recorded on the row; the same command resumes
-        result = saes.train(sae_cfg, train_cfg, batches, on_log=log, checkpoint_dir=path, resume=resuming, device=device)
+        try:
+            result = saes.train(sae_cfg, train_cfg, batches, on_log=log, checkpoint_dir=path, resume=resuming, device=device)
+        finally:
+            batches.close()  # stops the loader's reader thread (and frees its buffers) before the evaluation reads
         saes.save_sae(result.sae, path)  # safetensors on the CPU whatever the SAE's device
         metrics = evaluate(ws, result.sae, hook, run_id=run_id, model=model, device=device)
         metrics["train_tokens"] = result.tokens

@@ -1,27 +1,36 @@
 """Caching, resuming and reading activations back, on the tiny model."""
 
+import errno
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 
 import pytest
 import torch
 
+import workbench.caching as caching
 from workbench.activations import context_ids, export_parquet, iter_activations, read_contexts
-from workbench.caching import ActivationCacher, CacheRequest
+from workbench.caching import ActivationCacher, CacheError, CacheRequest
 from workbench.data import chunk_and_tokenize
+from workbench.hooks import attached
 from workbench.workspace import Workspace
 
 HOOKS = ("blocks.0.hook_resid_post", "blocks.1.mlp.hook_post")
 
 
-def cache(path, tiny, corpus, tokens=2048, ctx=32, batch=4, hooks=HOOKS, seed=0):
-    request = CacheRequest(model="tiny-llama", hooks=hooks, corpus="stdlib", tokens=tokens, ctx_len=ctx, batch_size=batch, seed=seed)
+def cache(path, tiny, corpus, tokens=2048, ctx=32, batch=4, hooks=HOOKS, seed=0, **fields):
+    request = CacheRequest(model="tiny-llama", hooks=hooks, corpus="stdlib", tokens=tokens, ctx_len=ctx, batch_size=batch, seed=seed,
+                           **fields)
     with Workspace(path) as ws:
         return ActivationCacher(ws, tiny, corpus, request).run(progress=False)
+
+
+def writer_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "cache-writer"]
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +142,7 @@ def _table_dump(path):
 
 def test_sigkill_then_rerun_gives_the_uninterrupted_result(tmp_path):
     args = ["cache", "--model", "tiny-llama", "--hook", HOOKS[0], "--hook", HOOKS[1], "--corpus", "stdlib",
-            "--tokens", "24576", "--ctx", "64", "--batch", "2"]
+            "--tokens", "24576", "--ctx", "64", "--batch", "2", "--commit-contexts", "8"]
     killed, clean = tmp_path / "killed.duckdb", tmp_path / "clean.duckdb"
     proc = _cli(*args, "--db", str(killed))
     # Wait until the progress bar shows committed batches, then kill without warning.
@@ -152,7 +161,7 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_result(tmp_path):
     with Workspace(killed, read_only=True) as ws:
         (partial,) = ws.query("SELECT count(*) FROM contexts")[0]
         assert ws.query("SELECT status FROM runs")[0][0] == "running"
-    assert 0 < partial < 384 and partial % 2 == 0  # only whole batches survived
+    assert 0 < partial < 384 and partial % 8 == 0  # only whole transactions of 8 contexts survived
     resumed = _cli(*args, "--db", str(killed))
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
@@ -161,3 +170,63 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_result(tmp_path):
     _, err = uninterrupted.communicate(timeout=300)
     assert uninterrupted.returncode == 0, err
     assert _table_dump(killed) == _table_dump(clean)
+
+
+def test_transactions_hold_commit_contexts_whole_batches(tmp_path, tiny, stdlib_corpus, monkeypatch):
+    """64 contexts in batches of 4, 12 contexts per commit: transactions of 12 (3 batches) and a last
+    one of 4. A disk that fills at the 5th batch keeps exactly the first transaction; the rerun
+    ends with the tables of an uninterrupted run, and no writer thread is left behind."""
+    assert CacheRequest(hooks=("h",), tokens=1).commit_contexts >= 128
+    whole = tmp_path / "whole.duckdb"
+    request = CacheRequest(model="tiny-llama", hooks=HOOKS, corpus="stdlib", tokens=2048, ctx_len=32, batch_size=4, commit_contexts=12)
+    with Workspace(whole) as ws:
+        cacher = ActivationCacher(ws, tiny, stdlib_corpus, request)
+        cacher.run(progress=False)
+    assert cacher.transactions == 6  # 5 × 12 + 4
+
+    real_insert, batches = caching.insert_arrow, []
+
+    def fill_the_disk(con, table, rows):
+        if table == "activations":
+            batches.append(threading.current_thread().name)
+            if len(batches) == 5:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        real_insert(con, table, rows)
+
+    monkeypatch.setattr(caching, "insert_arrow", fill_the_disk)
+    path = tmp_path / "ws.duckdb"
+    with pytest.raises(OSError, match="No space left"):  # the writer's own exception, raised on the caller's thread
+        cache(path, tiny, stdlib_corpus, commit_contexts=12)
+    assert batches == ["cache-writer"] * 5 and not writer_threads()
+    with Workspace(path, read_only=True) as ws:
+        assert ws.query("SELECT status, error FROM runs") == [("failed", "OSError: [Errno 28] No space left on device")]
+        assert ws.query("SELECT count(*) FROM contexts") == [(12,)]
+        assert ws.query("SELECT count(*) FROM activations") == [(12 * len(HOOKS),)]
+        assert ws.query("SELECT count(*) FROM tokens") == [(12 * 32,)]
+    monkeypatch.setattr(caching, "insert_arrow", real_insert)
+    assert cache(path, tiny, stdlib_corpus, commit_contexts=12).resumed_from == 12
+    assert _table_dump(path) == _table_dump(whole)
+
+
+def test_overflowing_activations_fail_the_job_with_one_line_and_keep_the_workspace_whole(tmp_path, tiny, stdlib_corpus):
+    path = tmp_path / "ws.duckdb"
+    with attached(tiny.model, [(HOOKS[1], lambda act, hook: act * 1e6)]):  # beyond float16's 65,504
+        with pytest.raises(CacheError, match=r"activations at 'blocks.1.mlp.hook_post' overflow float16 .*--dtype bfloat16") as err:
+            cache(path, tiny, stdlib_corpus, tokens=512, commit_contexts=8)
+    assert "\n" not in str(err.value) and not writer_threads()
+    with Workspace(path, read_only=True) as ws:
+        assert ws.query("SELECT status FROM runs") == [("failed",)]
+        assert ws.query("SELECT count(*) FROM contexts") == ws.query("SELECT count(*) FROM activations") == [(0,)]
+
+
+def test_blobs_are_stored_uncompressed_and_settings_restored(tmp_path, tiny, stdlib_corpus):
+    """ZSTD would make every fetch of a context decompress its 2,048-row vector (the loader's speed);
+    the job's DuckDB settings are its own and do not outlive it."""
+    settings = "SELECT current_setting('zstd_min_string_length'), current_setting('checkpoint_threshold'), current_setting('threads')"
+    request = CacheRequest(model="tiny-llama", hooks=HOOKS, corpus="stdlib", tokens=65536, ctx_len=128, batch_size=32)
+    with Workspace(tmp_path / "ws.duckdb") as ws:
+        before = ws.query(settings)
+        ActivationCacher(ws, tiny, stdlib_corpus, request).run(progress=False)
+        assert ws.query(settings) == before
+        kinds = ws.query("SELECT DISTINCT compression FROM pragma_storage_info('activations') WHERE segment_type = 'BLOB'")
+    assert kinds and ("ZSTD",) not in kinds  # with DuckDB's defaults these 16-48 KB blobs get ZSTD
