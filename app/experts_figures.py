@@ -1,7 +1,7 @@
 """Experts page figures: plotly figures of MoE / MoEfied experts, SAE latents and MLP neurons.
 
 Each takes plain rows (as ``workbench.app.experts_data`` reads them) and never touches the workspace. A kind
-has one colour (``KIND_COLOURS``) and one label (``probes.moe_request.KIND_LABELS``) everywhere.
+has one colour (``KIND_COLOURS``) and one label (``probes.unit_kinds.KIND_LABELS``) everywhere.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import plotly.graph_objects as go
 
-from probes.moe_request import KIND_LABELS
+from probes.unit_kinds import KIND_LABELS
 
 KIND_COLOURS = {"moe": "#7b3294", "moefied": "#1f77b4", "sae": "#d62728", "neuron": "#7f7f7f"}  # one colour per kind everywhere
 HEATMAP_EXPERTS = 64  # experts shown in the expert × group heatmap

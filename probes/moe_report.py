@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-from probes.moe_request import KIND_LABELS
+from probes.unit_kinds import KIND_LABELS
 
 
 def _f(x, digits=3) -> str:

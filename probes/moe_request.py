@@ -15,14 +15,13 @@ from probes.concepts import _check_concepts
 from probes.moefy import check_experts, check_k
 from probes.neurons import MLPSite, architecture_name, mlp_sites
 from probes.routing import RouterSpec, check_layers, expert_source, router_spec
+from probes.unit_kinds import KINDS
 from workbench.errors import WorkbenchError
 from workbench.hooks import layer_of, validate_hooks
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_EXPERTS = 32
 DEFAULT_K = 8
-KINDS = ("moe", "moefied", "sae", "neuron")
-KIND_LABELS = {"moe": "MoE experts", "moefied": "MoEfied experts", "sae": "SAE latents", "neuron": "MLP neurons"}
 GROUPINGS = ("domain", "concept")
 BUDGETS = ("skew", "matched")  # which experts a masking removes: Monet's specialists, or the same share of every kind
 DEFAULT_PURGE_TAUS = (0.5, 0.3, 0.2, 0.1)

@@ -57,8 +57,10 @@ def workspace_defaults(ws, sae_ref: str | None):
     return record, row[0], row[1].split("#")[0]
 
 
-def run_moe(db: Path, request: MoeRequest, *, loaded=None, progress: bool = True) -> tuple[int, MoeResult]:
-    """Validate, measure and store one run; returns (moe_run_id, result)."""
+def run_moe(db: Path, request: MoeRequest, *, loaded=None, model_dtype: str | None = None,
+            progress: bool = True) -> tuple[int, MoeResult]:
+    """Validate, measure and store one run; returns (moe_run_id, result). ``model_dtype``: the
+    precision the model loads in when ``loaded`` is None (``workbench.devices.model_dtype``)."""
     from probes import moe_records
     from workbench.models import load_model
     from workbench.workspace import Workspace, ensure_writable
@@ -78,7 +80,7 @@ def run_moe(db: Path, request: MoeRequest, *, loaded=None, progress: bool = True
     if record is not None and ws_model is not None and model_name != ws_model:
         raise MoeRunError(f"SAE '{record.name}' was trained on {ws_model}'s activations; use --model {ws_model}")
     corpus = request.corpus or ws_corpus or "stdlib"
-    loaded = loaded or load_model(model_name, device=request.device)
+    loaded = loaded or load_model(model_name, device=request.device, dtype=model_dtype)
     plan = plan_run(loaded.model, request, record)
     tokens = dom.domain_tokens(loaded.tokenizer, corpus, eval_tokens=request.eval_tokens, fit_tokens=request.fit_tokens,
                                ctx=request.ctx, seed=request.seed)

@@ -18,7 +18,7 @@ from workbench.workspace import Workspace, ensure_writable
 
 def run_measure(db: Path, model_name: str, *, corpus: str = "stdlib", ps: list[float] | None = None,
                 metrics: list[str] | None = None, eval_tokens: int = 16_384, ctx: int = 256,
-                calibration_tokens: int = 2048, batch_size: int = 8, device: str | None = None,
+                calibration_tokens: int = 2048, batch_size: int = 8, device: str | None = None, model_dtype: str | None = None,
                 series: str | None = None, train_tokens: int | None = None, model=None, progress: bool = True) -> list[dict]:
     """Measure one model (or a loaded ``model``: a LoadedModel) and record it; returns the stored rows."""
     from workbench.models import load_model
@@ -32,7 +32,7 @@ def run_measure(db: Path, model_name: str, *, corpus: str = "stdlib", ps: list[f
         raise WorkbenchError(f"need --tokens > 0, --calibration-tokens > 0, --ctx ≥ 2 and --batch > 0 "
                              f"(got {eval_tokens}, {calibration_tokens}, {ctx}, {batch_size})")
     ensure_writable(db)
-    loaded = model or load_model(model_name, device=device)
+    loaded = model or load_model(model_name, device=device, dtype=model_dtype)
     shape = records.model_shape(loaded.model)  # refuses models without MLP neurons before any work
     tokens = heldout_tokens(loaded.tokenizer, corpus, eval_tokens, ctx)  # (rows, ctx)
     results = measure(loaded.model, tokens, metrics=metrics, ps=ps, calibration_tokens=calibration_tokens,

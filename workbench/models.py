@@ -25,6 +25,7 @@ from typing import NamedTuple
 import torch
 
 from workbench.data.hub import hub_unreachable
+from workbench.devices import model_dtype, resolve_device
 from workbench.errors import WorkbenchError, first_line
 from workbench.publish import publish_dir
 
@@ -138,16 +139,19 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, device: str | None = None, dtype: torch.dtype | None = None) -> LoadedModel:
+def load_model(name_or_path: str = DEFAULT_MODEL, device: str | torch.device | None = None,
+               dtype: str | torch.dtype | None = None) -> LoadedModel:
     """Load a causal LM wrapped in a ``TransformerBridge``; returns (model, tokenizer, name).
 
-    ``device`` defaults to CUDA when available, else CPU; ``dtype`` to float32.
+    ``device``: auto (None), cpu, cuda or cuda:N; auto is CUDA when present. ``dtype``: auto
+    (None), float32, bfloat16 or float16, or a torch dtype; auto is bfloat16 on CUDA, float32
+    elsewhere (``workbench.devices``).
     """
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or torch.float32
+    device = resolve_device(device)
+    dtype = model_dtype(dtype, device)
     path = resolve_model_path(name_or_path)
     # Offline, a hub id can still load from the local Hugging Face cache, without retries.
     offline = None if Path(path).expanduser().is_dir() else hub_unreachable()
@@ -160,7 +164,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str | None = None, dty
             f"unknown model '{name_or_path}': not an alias ({', '.join(ALIASES)}), not a local model directory, {why}"
         ) from err
     hf_model.eval()
-    bridge = TransformerBridge.boot_transformers(path, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype)
+    bridge = TransformerBridge.boot_transformers(path, hf_model=hf_model, tokenizer=tokenizer, device=str(device), dtype=dtype)
     bridge.eval()
     return LoadedModel(bridge, tokenizer, name_or_path)
 

@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from probes.moe_request import KIND_LABELS
+from probes.unit_kinds import KIND_LABELS
 from workbench.app import cached
 from workbench.app import experts_data as reads
 from workbench.app import experts_figures as figures

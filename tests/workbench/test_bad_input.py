@@ -123,6 +123,9 @@ CASES = {
     "app-port-high": (["app", "--db", "{db}", "--port", "70000"], "--port must be between 1 and 65535"),
     "app-port-negative": (["app", "--db", "{db}", "--port", "-1"], "--port must be between 1 and 65535"),
     "app-address": (["app", "--db", "{db}", "--address", "not an ip"], "--address must be an IP address"),
+    "train-device-unknown": ([*TRAIN, "--device", "gpu"], "--device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+    "analyze-device-absent": (["analyze", "--db", "{db}", "--sae", SAE, "--device", "cuda:7"], "--device cuda:7 asked for"),
+    "train-model-dtype": ([*TRAIN, "--model-dtype", "int8"], "invalid choice: 'int8'"),
     "unknown-command": (["nope"], "invalid choice"),
     "missing-flag": (["cache", "--db", "{db}"], "required"),
     "info-missing-workspace": (["info", "--db", "{tmp}/none.duckdb"], "no workspace at"),
@@ -302,7 +305,8 @@ def test_an_unreachable_hub_fails_fast_with_one_line(argv, phrase, offline, ws, 
 def test_disk_full_while_caching_keeps_whole_batches_and_resumes(tmp_path, capsys, monkeypatch):
     import workbench.caching as caching
 
-    argv = ["cache", "--model", "tiny-llama", "--hook", HOOK, "--tokens", "2048", "--ctx", "32", "--batch", "16"]
+    argv = ["cache", "--model", "tiny-llama", "--hook", HOOK, "--tokens", "2048", "--ctx", "32", "--batch", "16",
+            "--commit-contexts", "16"]  # a commit per batch, so the disk fills after some are kept
     assert main([*argv, "--db", str(tmp_path / "whole.duckdb")]) == 0
     real_insert, calls = caching.insert_arrow, []
 

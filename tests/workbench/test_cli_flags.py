@@ -20,12 +20,13 @@ from workbench.steering import Intervention
 
 # command path -> (the dataclasses whose fields it offers, fields left out on purpose, the command's own flags)
 GENERATED = {
-    ("cache",): ([CacheRequest], set(), {"db", "device"}),
+    ("cache",): ([CacheRequest], set(), {"db", "device", "model_dtype"}),
     ("train",): ([saes.SAEConfig, saes.TrainConfig], {"d_in", "sae", "progress_bar"},
-                 {"db", "hook", "run", "name", "out", "no_downstream", "device"}),
+                 {"db", "hook", "run", "name", "out", "no_downstream", "device", "model_dtype"}),
     ("sparsity", "series"): ([SeriesPlan], set(), {"db", "out"}),
-    ("moe", "run"): ([MoeRequest], set(), {"db", "quiet"}),
-    ("steer",): ([Intervention], {"vector"}, {"db", "spec", "prompt", "max_new_tokens", "temperature", "seed", "model", "device"}),
+    ("moe", "run"): ([MoeRequest], set(), {"db", "quiet", "model_dtype"}),
+    ("steer",): ([Intervention], {"vector"},
+                 {"db", "spec", "prompt", "max_new_tokens", "temperature", "seed", "model", "device", "model_dtype"}),
 }
 
 

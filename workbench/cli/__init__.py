@@ -100,6 +100,19 @@ def check_text_arguments(args: argparse.Namespace) -> None:
                     raise CliError(f"{flag} is not valid UTF-8 text") from None
 
 
+def resolve_compute_arguments(args: argparse.Namespace) -> None:
+    """Turn ``--device auto`` and ``--model-dtype auto`` into what they mean on this machine
+    (``cpu`` / ``cuda:N``, ``float32`` / ``bfloat16``), checked before anything loads or is written."""
+    if getattr(args, "device", None) is None and not hasattr(args, "model_dtype"):
+        return
+    from workbench.devices import model_dtype, resolve_device
+
+    device = resolve_device(getattr(args, "device", None), what="--device")
+    args.device = str(device)
+    if hasattr(args, "model_dtype"):
+        args.model_dtype = str(model_dtype(args.model_dtype, device)).removeprefix("torch.")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command. Every failure ends here as one line on stderr: exit status 2 for bad
     input, 1 for a failure of the machine or a bug (``WORKBENCH_DEBUG=1`` shows its traceback)."""
@@ -109,11 +122,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser(argv).parse_args(argv)
         check_text_arguments(args)
+        resolve_compute_arguments(args)
         quiet_third_party()
         args.handler(args)
     except KeyboardInterrupt:
         print("workbench: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of our output went away (`workbench hooks | head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as err:
         outcome = report(err)
         if outcome.bug and os.environ.get("WORKBENCH_DEBUG"):

@@ -21,7 +21,7 @@ def cmd_hooks(args: argparse.Namespace) -> None:
     from workbench.hooks import hook_shapes
     from workbench.models import load_model
 
-    loaded = load_model(args.model, device=args.device)
+    loaded = load_model(args.model, device=args.device, dtype=args.model_dtype)
     shapes = hook_shapes(loaded.model)
     width = max(map(len, shapes))
     for name, shape in shapes.items():
@@ -31,7 +31,7 @@ def cmd_hooks(args: argparse.Namespace) -> None:
 def cmd_cache(args: argparse.Namespace) -> None:
     from workbench.caching import CacheRequest, cache
 
-    summary = cache(args.db, config_from(args, CacheRequest), device=args.device)
+    summary = cache(args.db, config_from(args, CacheRequest), device=args.device, model_dtype=args.model_dtype)
     print(
         f"run {summary.run_id}: {summary.n_contexts} contexts, {summary.n_tokens:,} tokens at "
         f"{', '.join(summary.hooks)} ({summary.bytes_per_token:.0f} bytes per token and hook); "
@@ -86,12 +86,13 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"exported to {out}")
 
 
-def model_for_run(ws, hook: str, run_id: int | None, device: str | None):
-    """The model that cached ``hook`` (of cache run ``run_id`` when several did), loaded on ``device``."""
+def model_for_run(ws, hook: str, run_id: int | None, args: argparse.Namespace):
+    """The model that cached ``hook`` (of cache run ``run_id`` when several did), loaded on ``--device``
+    in ``--model-dtype``."""
     from workbench.models import load_model
 
     run_id = ws.resolve_hook_run(hook, run_id)
-    return load_model(ws.run_model(run_id), device=device)
+    return load_model(ws.run_model(run_id), device=args.device, dtype=args.model_dtype)
 
 
 def _print_metrics(trained) -> None:
@@ -113,8 +114,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     train_cfg = config_from(args, saes.TrainConfig)
     with Workspace(args.db, create=False) as ws:
         ws.resolve_hook_run(args.hook, args.run)
-        model = None if args.no_downstream else model_for_run(ws, args.hook, args.run, args.device)
-        trained = train_sae(ws, args.hook, sae_fields, train_cfg, name=args.name, run_id=args.run, out=args.out, model=model)
+        model = None if args.no_downstream else model_for_run(ws, args.hook, args.run, args)
+        trained = train_sae(ws, args.hook, sae_fields, train_cfg, name=args.name, run_id=args.run, out=args.out, model=model,
+                            device=args.device)
     _print_metrics(trained)
 
 
@@ -124,8 +126,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     with Workspace(args.db, create=False) as ws:
         ws.resolve_hook_run(args.hook, args.run)
-        model = None if args.no_downstream else model_for_run(ws, args.hook, args.run, args.device)
-        trained = register_saved(ws, args.sae, args.hook, name=args.name, run_id=args.run, model=model)
+        model = None if args.no_downstream else model_for_run(ws, args.hook, args.run, args)
+        trained = register_saved(ws, args.sae, args.hook, name=args.name, run_id=args.run, model=model, device=args.device)
     _print_metrics(trained)
 
 
@@ -135,8 +137,8 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 
     with Workspace(args.db, create=False) as ws:
         record = resolve_sae(ws, args.sae)
-        model = None if args.no_logits else model_for_run(ws, record.hook, record.run_id, args.device)
-        summary = analyze(ws, record.sae_id, model=model, batch_contexts=args.batch)
+        model = None if args.no_logits else model_for_run(ws, record.hook, record.run_id, args)
+        summary = analyze(ws, record.sae_id, model=model, batch_contexts=args.batch, device=args.device)
     print(f"sae {summary.sae_id}: {summary.n_tokens:,} tokens, {summary.n_nonzeros:,} nonzeros stored, "
           f"{summary.live_features} live features"
           + (f" (resumed after {summary.resumed_from} contexts)" if summary.resumed_from else ""))
@@ -215,22 +217,22 @@ def cmd_demo(args: argparse.Namespace) -> None:
         from workbench.caching import run_cache
 
         run_cache(db=db, model=DEMO["model"], hooks=[DEMO["hook"]], corpus=DEMO["corpus"], tokens=DEMO["tokens"],
-                  ctx=DEMO["ctx"], device=args.device)
+                  ctx=DEMO["ctx"], device=args.device, model_dtype=args.model_dtype)
     with Workspace(db) as ws:
         trained = ws.query("SELECT count(*) FROM saes WHERE name = ? AND status = 'done'", [DEMO_SAE["name"]])[0][0]
         if not trained:
-            model = model_for_run(ws, DEMO["hook"], None, args.device)
+            model = model_for_run(ws, DEMO["hook"], None, args)
             train_cfg = saes.TrainConfig(total_tokens=DEMO_SAE["train_tokens"], batch_size=4096, bf16_autocast=True,
                                          checkpoint_every=20)
             fields = dict(arch=DEMO_SAE["arch"], width=DEMO_SAE["width"], k=DEMO_SAE["k"])
-            train_sae(ws, DEMO["hook"], fields, train_cfg, name=DEMO_SAE["name"], model=model)
+            train_sae(ws, DEMO["hook"], fields, train_cfg, name=DEMO_SAE["name"], model=model, device=args.device)
         analysed = ws.query(
             "SELECT count(*) FROM analyses a JOIN saes s USING (sae_id) WHERE s.name = ? AND a.status = 'done'", [DEMO_SAE["name"]]
         )[0][0]
         if not analysed:
             from workbench.analysis import analyze
 
-            analyze(ws, DEMO_SAE["name"], model=model_for_run(ws, DEMO["hook"], None, args.device))
+            analyze(ws, DEMO_SAE["name"], model=model_for_run(ws, DEMO["hook"], None, args), device=args.device)
     with Workspace(db, read_only=True) as ws:
         print(workspace_summary(ws))
     if not args.no_serve:

@@ -63,8 +63,15 @@ def add_db(p: argparse.ArgumentParser, *, required: bool = True, default: Path |
                    help=help or "workspace file (a DuckDB database; its SAE weights live in DB.saes/ beside it)")
 
 
-def add_device(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default=None, help="torch device: cpu, cuda or cuda:N (default: cuda when present, else cpu)")
+def add_device(p: argparse.ArgumentParser, *, model: bool = True) -> None:
+    """``--device`` and, for commands that load a language model, ``--model-dtype``
+    (both resolved in ``workbench.cli.resolve_compute_arguments``)."""
+    from workbench.devices import MODEL_DTYPES
+
+    p.add_argument("--device", default="auto", help="where to compute: auto (CUDA when present, else the CPU), cpu, cuda or cuda:N")
+    if model:
+        p.add_argument("--model-dtype", default="auto", choices=MODEL_DTYPES,
+                       help="precision the language model loads in; auto: bfloat16 on CUDA, float32 on the CPU")
 
 
 def add_model(p: argparse.ArgumentParser, default: str | None = "smollm2-135m", help: str | None = None) -> None:

@@ -27,7 +27,7 @@ def cmd_moe_run(args: argparse.Namespace) -> None:
     from workbench.workspace import Workspace
 
     request = config_from(args, MoeRequest)
-    run_id, result = run_moe(args.db, request, progress=not args.quiet)
+    run_id, result = run_moe(args.db, request, model_dtype=args.model_dtype, progress=not args.quiet)
     with Workspace(args.db, read_only=True) as ws:
         run = next(r for r in moe_records.runs(ws) if r["moe_run_id"] == run_id)
         print(describe(run, moe_records.comparison(ws, run_id), moe_records.k_curve(ws, run_id),
@@ -93,7 +93,7 @@ def cmd_probe(args: argparse.Namespace) -> None:
         else:
             from workbench.models import load_model
 
-            model = load_model(ws.run_model(resolve_sae(ws, args.sae).run_id), device=args.device)
+            model = load_model(ws.run_model(resolve_sae(ws, args.sae).run_id), device=args.device, dtype=args.model_dtype)
             result = probe_texts(ws, args.sae, texts.texts, texts.labels, model, **common)
             dataset = texts.source
         probe_id = moe_records.save_probing(ws, result, dataset)
@@ -104,8 +104,9 @@ def cmd_probe(args: argparse.Namespace) -> None:
 # -- flags ------------------------------------------------------------------------------------
 def configure_moe(p: argparse.ArgumentParser) -> None:
     from probes.concepts import CONCEPTS
-    from probes.moe_request import BUDGETS, KINDS, MoeRequest
+    from probes.moe_request import BUDGETS, MoeRequest
     from probes.routing import FAMILIES
+    from probes.unit_kinds import KINDS
 
     actions = p.add_subparsers(dest="moe_command", required=True, metavar="ACTION", help="one of:")
     q = actions.add_parser("run", help="measure one model (MoE families: " + ", ".join(FAMILIES) + "; dense MLPs are MoEfied)",

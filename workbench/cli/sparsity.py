@@ -23,7 +23,7 @@ def cmd_sparsity_measure(args: argparse.Namespace) -> None:
 
     rows = run_measure(args.db, args.model, corpus=args.corpus, ps=args.p, metrics=args.metric, eval_tokens=args.tokens,
                        ctx=args.ctx, calibration_tokens=args.calibration_tokens, batch_size=args.batch, device=args.device,
-                       series=args.series, train_tokens=args.train_tokens)
+                       model_dtype=args.model_dtype, series=args.series, train_tokens=args.train_tokens)
     with Workspace(args.db, read_only=True) as ws:
         for row in rows:
             print(describe_measurement(row, records.layer_ratios(ws, row["measurement_id"])))

@@ -72,7 +72,7 @@ def run_steer_command(args) -> None:
         if model_name is None and ws is not None:
             rows = ws.query("SELECT r.model FROM runs r JOIN run_hooks h USING (run_id) WHERE h.hook = ? ORDER BY r.run_id", [hook])
             model_name = rows[0][0] if rows else None
-        loaded = load_model(model_name or "smollm2-135m", device=args.device)
+        loaded = load_model(model_name or "smollm2-135m", device=args.device, dtype=args.model_dtype)
         gen = generate(loaded.model, args.prompt, spec, max_new_tokens=args.max_new_tokens, seed=args.seed,
                        temperature=args.temperature, ws=ws)
         neutral = None
