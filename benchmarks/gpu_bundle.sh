@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Prepare what benchmarks/gpu_check.py needs on a GPU machine that has torch, transformers,
-# pyarrow, numpy and pytest but no network: the missing packages as cp312 manylinux wheels in
-# .whl/ (versions from constraints.txt) and SmolLM2's tokenizer in .gpu/cache/ (the random
-# Llama models of the check use it). Both folders are git-ignored; carry them (< 64 MiB).
+# Prepare what benchmarks/gpu_check.py needs on a GPU machine without network whose image holds
+# torch, transformers, pyarrow, numpy, pandas, einops, jaxtyping, accelerate, rich, sentencepiece,
+# xxhash and pytest (the borrowed H200's does) but not the packages below: those as cp312
+# manylinux wheels in .whl/ (versions from constraints.txt), and SmolLM2's tokenizer in
+# .gpu/cache/ (the random Llama models of the check use it). Both folders are git-ignored; carry
+# them (about 35 MB). gpu_check.py's first line, "(0) packages", names anything still missing.
 #
 #   bash benchmarks/gpu_bundle.sh          # here, with the project's venv built (make install)
-#   # there:  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-#   #         PYTHONPATH=/tmp/site:. WORKBENCH_CACHE=.gpu/cache python3 benchmarks/gpu_check.py
+#   # there:  python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site .whl/*.whl .
+#   #         PYTHONPATH=/tmp/site WORKBENCH_CACHE=.gpu/cache python3 benchmarks/gpu_check.py
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PACKAGES=(duckdb transformer-lens eai-sparsify datasets dill multiprocess beartype better-abc fancy-einsum

@@ -8,6 +8,7 @@
     (e) caching tokens/s through a random 2-layer Llama at d 2304 vs its bare truncated forward
     (f) the steering hooks under set_sync_debug_mode("error")
     (g) the test suite's `gpu`-marked tests
+    (0), first: every package the checks import is importable
 
 On a GPU machine without network (see the README, "Checking on a GPU"):
 
@@ -18,6 +19,7 @@ On a GPU machine without network (see the README, "Checking on a GPU"):
 ``--smoke`` runs every check at toy shapes on whatever device there is (the CPU here); the test
 suite runs it that way so this script cannot rot between GPU sessions. Checks that only mean
 something on CUDA (sync counts) say SKIP on the CPU: the suite's host-read tests cover them there.
+No check starts after ``--budget`` seconds (default 390), so the command ends inside 7 minutes.
 Exit status 1 when a check fails.
 """
 
@@ -61,13 +63,18 @@ SMOKE = Shapes(d=64, width=512, k=8, batch=256, steps=6, llama_d=64, cache_token
 
 
 class Check:
-    """Collects one line per check; ``ok`` None means SKIP."""
+    """Collects one line per check; ``ok`` None means SKIP. A check that would start after ``budget_s``
+    seconds is skipped, so the whole command ends inside its time slot."""
 
-    def __init__(self):
+    def __init__(self, budget_s: float = float("inf")):
         self.failed = 0
+        self.deadline = time.perf_counter() + budget_s
 
     def run(self, name: str, fn, *args):
         started = time.perf_counter()
+        if started > self.deadline:
+            print(f"SKIP  {name:<28} time budget spent", flush=True)
+            return
         try:
             ok, figure = fn(*args)
         except Exception as err:  # noqa: BLE001 - one line per check, whatever broke
@@ -91,6 +98,22 @@ def trainable() -> list[str]:
     import saes
 
     return [a for a in saes.architecture_names() if getattr(saes.get_class(a), "trainable", True)]
+
+
+# -- (0) what the checks import ---------------------------------------------------------------
+PACKAGES = ("duckdb", "transformer_lens.model_bridge", "sparsify", "workbench.data", "workbench.loader", "saes")
+
+
+def packages():
+    import importlib
+
+    missing = []
+    for name in PACKAGES:
+        try:
+            importlib.import_module(name)
+        except Exception as err:  # noqa: BLE001 - report every one that is missing
+            missing.append(f"{name} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")
+    return not missing, "all importable" if not missing else "missing: " + "; ".join(missing)
 
 
 # -- (a) fast paths on the device vs the CPU -----------------------------------------------------
@@ -160,20 +183,22 @@ def train_speed(device: torch.device, s: Shapes, out: dict):
     def ours() -> tuple[float, float]:
         stamps = []
 
-        def batches():
+        def batches():  # batch 0 initialises b_dec and is step 0's; batch i is asked for as step i starts
             for i in range(s.steps + warm):
-                sync(device)
-                stamps.append(time.perf_counter())
+                if i == warm:
+                    sync(device)  # the one wait: steps warm … warm + steps - 1 are timed, as sparsify's are
+                    stamps.append(time.perf_counter())
                 yield data[i % 4]
 
-        cfg = saes.SAEConfig(d_in=s.d, width=s.width, k=s.k, arch="topk")
+        # Both sides without the auxiliary loss (sparsify skips it with no dead latents): the main step compared.
+        cfg = saes.SAEConfig(d_in=s.d, width=s.width, k=s.k, arch="topk", aux_loss="none")
         tc = saes.TrainConfig(batch_size=s.batch, total_tokens=s.batch * (s.steps + warm), warmup_steps=0, log_every=10**9,
                               progress_bar=False, bf16_autocast=True, b_dec_init_tokens=s.batch)
         reset_peak(device)
         saes.train(cfg, tc, batches(), device=device)
         sync(device)
         stamps.append(time.perf_counter())
-        return s.batch * s.steps / (stamps[-1] - stamps[warm + 1]) * 1, peak(device)
+        return s.batch * s.steps / (stamps[-1] - stamps[0]), peak(device)
 
     def sparsify() -> tuple[float, float]:
         if device.type != "cuda":
@@ -183,14 +208,13 @@ def train_speed(device: torch.device, s: Shapes, out: dict):
         torch.manual_seed(0)
         sae = SparseCoder(s.d, SparseCoderConfig(num_latents=s.width, k=s.k), device=device)
         opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
-        dead = torch.zeros(s.width, dtype=torch.bool, device=device)
         reset_peak(device)
         for i in range(s.steps + warm):
             if i == warm:
                 sync(device)
                 start = time.perf_counter()
             with torch.autocast(device.type, dtype=torch.bfloat16):
-                o = sae(data[i % 4], dead_mask=dead)
+                o = sae(data[i % 4], dead_mask=None)
             (o.fvu + o.auxk_loss / 32).backward()
             sae.remove_gradient_parallel_to_decoder_directions()
             opt.step()
@@ -204,7 +228,7 @@ def train_speed(device: torch.device, s: Shapes, out: dict):
     out["trainer_tokens_per_s"] = ours_rate
     ratio = ours_rate / theirs_rate
     figure = (f"ours {ours_rate / 1e3:,.0f} K tok/s ({ours_peak:.1f} GiB peak), eai-sparsify {theirs_rate / 1e3:,.0f} K tok/s "
-              f"({theirs_peak:.1f} GiB peak): {ratio:.2f}x (d {s.d}, width {s.width:,}, k {s.k}, batch {s.batch:,}, bf16)")
+              f"({theirs_peak:.1f} GiB peak): {ratio:.2f}x (d {s.d}, width {s.width:,}, k {s.k}, batch {s.batch:,}, bf16, no aux loss)")
     return (ratio >= 1.0) if device.type == "cuda" else None, figure
 
 
@@ -280,8 +304,10 @@ def steering(device: torch.device, s: Shapes, tmp: Path):
 def gpu_tests(device: torch.device):
     if device.type != "cuda":
         return None, "CUDA only"
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", str(ROOT / "tests")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=240)
+    files = sorted(str(p) for p in (ROOT / "tests").rglob("test_*.py") if "mark.gpu" in p.read_text())
+    # -P: the checkout must not shadow the installed package (workbench.data exists only once installed)
+    done = subprocess.run([sys.executable, "-P", "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", *files],
+                          cwd=ROOT, capture_output=True, text=True, timeout=150)
     summary = (done.stdout.strip().splitlines() or ["no output"])[-1]
     return done.returncode == 0, summary
 
@@ -291,6 +317,7 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="toy shapes (runs on the CPU too)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--only", default="", help="comma-separated check letters, e.g. a,b")
+    p.add_argument("--budget", type=float, default=390, help="seconds after which no further check starts")
     args = p.parse_args(argv)
     import saes
 
@@ -299,7 +326,8 @@ def main(argv=None) -> int:
     only = set(filter(None, args.only.split(",")))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"gpu_check on {device} ({name}), torch {torch.__version__}, {'smoke' if args.smoke else 'full'} shapes", flush=True)
-    check, shared = Check(), {}
+    check, shared = Check(args.budget), {}
+    check.run("(0) packages", packages)
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as folder:
         tmp = Path(folder)
         if not only or "a" in only:

@@ -269,7 +269,9 @@ def train(
         lr = _lr_at(step, tc, base_lr)
         for g in opt.param_groups:
             g["lr"] = lr
-        if sae_cfg.aux_loss == "auxk":
+        if sae_cfg.aux_loss == "auxk" and tokens_dev is None and tokens_seen < dead_tokens:
+            aux_mask = None  # no latent can be dead before dead_tokens tokens were seen: skip AuxK's gathers (a host count)
+        elif sae_cfg.aux_loss == "auxk":
             aux_mask = tokens_since_fired >= dead_tokens  # (F,)
         elif sae_cfg.aux_loss == "zipf":
             aux_mask = underused_mask(sae.density, sae_cfg.zipf_gamma)  # all False before the first density update

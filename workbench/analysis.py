@@ -370,17 +370,19 @@ def unembedding(model) -> tuple[torch.Tensor, torch.Tensor]:
     return w_u, gamma
 
 
-def logit_effects(directions: torch.Tensor, model) -> torch.Tensor:
-    """(d_f ⊙ γ) W_Uᵀ for a block of directions [n, d] (any device / dtype): [n, vocab] on the model's device."""
-    w_u, gamma = unembedding(model)
+def logit_effects(directions: torch.Tensor, model, unembed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """(d_f ⊙ γ) W_Uᵀ for a block of directions [n, d] (any device / dtype): [n, vocab] on the model's device;
+    ``unembed``: ``unembedding(model)`` once for a loop over blocks (a bf16 W_U converted once, not per block)."""
+    w_u, gamma = unembed or unembedding(model)
     return (directions.float().to(w_u.device) * gamma) @ w_u.T
 
 
 def _store_logit_effects(con, record: SAERecord, directions: torch.Tensor, loaded) -> None:
     con.execute("DELETE FROM feature_logits WHERE sae_id = ?", [record.sae_id])
     rows = {"feature": [], "rank": [], "token_id": [], "effect": []}
+    unembed = unembedding(loaded.model)
     for start in range(0, record.width, 512):
-        effects = logit_effects(directions[start : start + 512], loaded.model)  # [b, vocab]
+        effects = logit_effects(directions[start : start + 512], loaded.model, unembed)  # [b, vocab]
         for sign in (1, -1):
             values, indices = _top_k_total(sign * effects, N_LOGITS)  # equal effects: lower token id first
             n = indices.shape[0]

@@ -56,7 +56,7 @@ def to_host(acts: dict[str, torch.Tensor], dtype: str) -> tuple[dict[str, torch.
     CPU tensors are handed over as they are (the writer converts them, off the model's thread).
     Device tensors are converted to the storage dtype there (half the bytes to move) and copied
     with ``non_blocking`` into pinned host memory; the returned CUDA event marks their arrival."""
-    host, event = {}, None
+    host, event, stream = {}, None, None
     for hook, value in acts.items():
         if value.device.type == "cpu":
             host[hook] = value
@@ -66,9 +66,9 @@ def to_host(acts: dict[str, torch.Tensor], dtype: str) -> tuple[dict[str, torch.
         host[hook] = torch.empty(stored.shape, dtype=stored.dtype, pin_memory=pin)
         host[hook].copy_(stored, non_blocking=pin)
         if pin:
-            event = torch.cuda.Event()
+            event, stream = torch.cuda.Event(), torch.cuda.current_stream(value.device)
     if event is not None:
-        event.record()
+        event.record(stream)  # the copies' stream: the current device's stream may be another GPU's
     return host, event
 
 

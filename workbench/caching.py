@@ -155,8 +155,18 @@ class ActivationCacher:
             )[0]
         )
 
+    def _identity(self) -> dict:
+        """The request's identity plus the model's precision when it is not float32: a run cached by a
+        bfloat16 model (``--model-dtype auto`` on CUDA) is another run than the float32 one, so a
+        resume on another device never mixes the two (float32 runs keep the identity they always had)."""
+        fields = self.request.identity()
+        model_dtype = str(next(self.loaded.model.parameters()).dtype).removeprefix("torch.")
+        if model_dtype != "float32":
+            fields["model_dtype"] = model_dtype
+        return fields
+
     def _find_or_create_run(self, corpus_id: int) -> int:
-        identity = json.dumps(self.request.identity(), sort_keys=True)
+        identity = json.dumps(self._identity(), sort_keys=True)
         row = fetch_one(self.ws.con, 
             "SELECT run_id, n_contexts_target, status FROM runs WHERE kind = 'cache' AND config = ?::JSON", [identity]
         )
@@ -228,7 +238,7 @@ class ActivationCacher:
                                  insert=insert_arrow)
             with writer:
                 for batch in _batches(remaining, req.batch_size):
-                    tokens = torch.tensor([c.token_ids for c in batch], device=self.loaded.model.cfg.device)  # [B, L]
+                    tokens = _to_device(torch.tensor([c.token_ids for c in batch]), self.loaded.model.cfg.device)  # [B, L]
                     with torch.inference_mode():
                         self.loaded.model(tokens, stop_at_layer=self.stop_at)
                         acts, ready = to_host({hook: capture.latest[hook] for hook in req.hooks}, req.dtype)
@@ -296,3 +306,12 @@ def cache(db: str | Path, request: CacheRequest, *, device: str | None = None, m
     documents = load_corpus(request.corpus)
     with Workspace(db) as ws:
         return ActivationCacher(ws, loaded, documents, request).run(progress=progress)
+
+
+def _to_device(tokens: torch.Tensor, device) -> torch.Tensor:
+    """Token ids to the model's device; to CUDA through pinned memory and ``non_blocking``, so the
+    host queues the next forward without waiting for the previous one (a pageable copy would)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return tokens.to(device)
+    return tokens.pin_memory().to(device, non_blocking=True)

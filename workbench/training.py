@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -209,7 +210,8 @@ def evaluate(ws: Workspace, sae: torch.nn.Module, hook: str, *, run_id: int | No
     run_id = ws.resolve_hook_run(hook, run_id)
     sae.to(device).eval()
     held_out = iter_activations(ws, hook, 1024, seed=0, run_id=run_id, split="test", epochs=1, drop_last=False, device=device)
-    metrics = reconstruction_metrics(sae, held_out)
+    with closing(held_out):  # the reader thread stops even when the metrics raise
+        metrics = reconstruction_metrics(sae, held_out)
     if model is not None:
         tokens = held_out_tokens(ws, hook, run_id, limit=EVAL_CONTEXTS).to(model_device(model))  # [n, L]
         metrics.update(downstream_metrics(spliced_loss(model.model, hook, tokens), sae))

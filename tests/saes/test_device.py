@@ -374,3 +374,50 @@ def test_checkpoints_resume_on_another_device(tmp_path, first, then):
     # six steps on another device: float32 kernels differ by ulps, which may flip a near-tied selection
     torch.testing.assert_close(res.sae.W_dec.cpu(), ref.W_dec, rtol=1e-2, atol=1e-2)
     assert logs[-1]["fvu"] == pytest.approx(ref_logs[-1]["fvu"], rel=1e-2)
+
+
+def test_auxk_is_skipped_until_a_latent_can_be_dead(monkeypatch):
+    """Before dead_tokens tokens were seen no latent can be dead: the trainer passes no aux mask (a
+    host count, no read), so AuxK's k_aux gathers start only when they can matter."""
+    from saes.base import BaseSAE
+
+    masks = []
+    original = BaseSAE.forward
+
+    def recording(self, x, aux_mask=None):
+        masks.append(aux_mask is not None)
+        return original(self, x, aux_mask)
+
+    monkeypatch.setattr(BaseSAE, "forward", recording)
+    sc = SAEConfig(d_in=D, width=W, k=K, arch="topk")
+    tc = TrainConfig(batch_size=B, total_tokens=B * 6, warmup_steps=0, progress_bar=False, dead_tokens=B * 3, b_dec_init_tokens=B)
+    train(sc, tc, make_batches(6), device="cpu")
+    assert masks == [False, False, False, True, True, True]  # tokens seen before the step: 0, B, 2B | 3B, 4B, 5B
+
+
+def test_cuda_without_an_index_is_the_local_rank_under_torchrun(monkeypatch):
+    """Each torchrun rank takes the GPU of its LOCAL_RANK (and makes it current); a named index wins."""
+    from saes.devices import resolve_device
+
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    assert resolve_device("auto") == torch.device("cuda", 2) == resolve_device("cuda")
+    assert resolve_device("cuda:1") == torch.device("cuda", 1) and current == [2, 2]
+    monkeypatch.delenv("LOCAL_RANK")
+    assert resolve_device(None) == torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize("spec, phrase", [("gpu", "device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+                                          ("cuda:x", "device must be"), ("cuda:9", "cuda:9 asked for")])
+def test_a_device_that_is_malformed_or_absent_is_one_line(spec, phrase):
+    from saes import DeviceError
+    from saes.devices import resolve_device
+
+    with pytest.raises(DeviceError, match=phrase):
+        resolve_device(spec)
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("meta") == torch.device("meta")

@@ -230,3 +230,21 @@ def test_blobs_are_stored_uncompressed_and_settings_restored(tmp_path, tiny, std
         assert ws.query(settings) == before
         kinds = ws.query("SELECT DISTINCT compression FROM pragma_storage_info('activations') WHERE segment_type = 'BLOB'")
     assert kinds and ("ZSTD",) not in kinds  # with DuckDB's defaults these 16-48 KB blobs get ZSTD
+
+
+def test_a_bfloat16_model_caches_into_its_own_run(tmp_path):
+    """`--model-dtype auto` is bfloat16 on CUDA and float32 on the CPU: a request resumed on the other
+    kind of machine must not mix the two precisions into one run. A float32 run keeps the identity
+    runs always had, so workspaces cached before the choice existed still resume."""
+    import json
+
+    path = tmp_path / "ws.duckdb"
+    common = dict(db=path, model="tiny-llama", hooks=[HOOKS[0]], corpus="stdlib", tokens=128, ctx=32, progress=False)
+    first = caching.run_cache(**common, device="cpu", model_dtype="float32")
+    assert caching.run_cache(**common, device="cpu").run_id == first.run_id  # auto on the CPU: float32, the same run
+    other = caching.run_cache(**common, device="cpu", model_dtype="bfloat16")
+    assert other.run_id != first.run_id and other.resumed_from == 0
+    with Workspace(path, read_only=True) as ws:
+        configs = dict(ws.query("SELECT run_id, config FROM runs ORDER BY run_id"))
+    assert "model_dtype" not in json.loads(configs[first.run_id])
+    assert json.loads(configs[other.run_id])["model_dtype"] == "bfloat16"

@@ -123,7 +123,7 @@ def test_evaluate_moves_the_sae_and_its_batches_to_the_device(monkeypatch):
 
     def fake_iter(ws, hook, batch_size, **kw):
         seen["device"] = kw["device"]
-        return iter([torch.randn(8, 16).to(kw["device"]) for _ in range(3)])
+        return (torch.randn(8, 16).to(kw["device"]) for _ in range(3))  # a generator, as iter_activations is
 
     def sums_only(sae, batches):  # the per-batch part; meta cannot give values
         sums, n = reconstruction_sums(sae, batches)
