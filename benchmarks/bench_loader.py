@@ -35,6 +35,7 @@ from typing import NamedTuple
 import numpy as np
 import pyarrow as pa
 import torch
+from bench_cache import best_of  # same folder: benchmarks run as scripts
 
 CTX = 128
 HOOK = "blocks.0.hook_resid_post"
@@ -46,15 +47,6 @@ class Ctx(NamedTuple):
     index: int
     token_ids: list[int]
     doc_ids: list[int]
-
-
-def best_of(repeats: int, fn) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def cpu_model() -> str:
