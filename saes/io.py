@@ -10,7 +10,17 @@ inputs:  W_enc' = s W_enc,  b_dec' = b_dec / s,  W_dec' = W_dec / s.  The full p
 architecture "codebook" (no sae-lens equivalent).
 
 Reading: project-written directories, and SAELens-layout `topk`, `jumprelu`, `standard` SAEs
-(apply_b_dec_to_input=False and topk's rescale_acts_by_decoder_norm are folded in).
+(apply_b_dec_to_input=False and topk's rescale_acts_by_decoder_norm are folded in). How sae-lens
+transforms inputs is honoured or refused, never ignored (`input_transform`):
+
+    normalize_activations  "none" (or absent)          x as it is
+                           "expected_average_only_in"  x · s with s = cfg.json's norm_scaling_factor,
+                                                       folded: W_enc' = s W_enc, W_dec' = W_dec / s,
+                                                       b_dec' = b_dec / s; refused when s is absent
+                           "constant_norm_rescale", "layer_norm", "covariance_whitening"
+                                                       refused: a per-token (or whitening) transform
+                                                       that a dictionary of fixed weights cannot hold
+    reshape_activations    "none" (or absent); "hook_z" refused
 """
 
 from __future__ import annotations
@@ -114,6 +124,31 @@ def _expect(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int, ...],
     return t
 
 
+NORMALIZATIONS = ("none", "expected_average_only_in")
+"""sae-lens `normalize_activations` values this loader honours (see the module docstring)."""
+
+
+def input_transform(cfg: dict[str, Any], directory: Path) -> float:
+    """The constant input scale s that a SAELens-layout cfg.json asks for (1.0 for "none"); a
+    transform that fixed weights cannot reproduce raises SAELoadError naming what is valid."""
+    reshape = cfg.get("reshape_activations") or "none"
+    if reshape != "none":
+        raise SAELoadError(f"{directory}: reshape_activations={reshape!r} is not supported (only 'none': the SAE must read "
+                           "the hook's activations as they are)")
+    norm = cfg.get("normalize_activations") or "none"
+    if norm not in NORMALIZATIONS:
+        raise SAELoadError(f"{directory}: normalize_activations={norm!r} normalises each input on its own, which this "
+                           f"workbench's SAEs cannot reproduce; supported: {', '.join(NORMALIZATIONS)}")
+    if norm == "none":
+        return 1.0
+    s = cfg.get("norm_scaling_factor")
+    if not isinstance(s, (int, float)) or isinstance(s, bool) or not (math.isfinite(s) and s > 0):
+        raise SAELoadError(f"{directory}: normalize_activations='expected_average_only_in' needs its norm_scaling_factor, "
+                           "which cfg.json does not record; fold it into the weights with sae-lens "
+                           "(fold_activation_norm_scaling_factor) and save again")
+    return float(s)
+
+
 def load_sae(directory: str | Path, expected_d_in: int | None = None) -> torch.nn.Module:
     """Load a project-saved or SAELens-layout (topk / jumprelu / standard) SAE, in eval mode."""
     directory = Path(directory)
@@ -126,6 +161,7 @@ def load_sae(directory: str | Path, expected_d_in: int | None = None) -> torch.n
     if expected_d_in is not None and d_in != expected_d_in:
         raise SAELoadError(f"SAE in {directory} has d_in={d_in}, expected d_in={expected_d_in}")
     project = cfg.get("saes_config")
+    scale = input_transform(cfg, directory)  # honoured or refused before anything is allocated
     try:
         if project is not None:
             sae_cfg = SAEConfig.from_dict(project)
@@ -168,6 +204,7 @@ def load_sae(directory: str | Path, expected_d_in: int | None = None) -> torch.n
             W_enc, W_dec, b_dec = W_enc / s, W_dec * s, b_dec * s
             sae.input_scale.fill_(s)
         else:
+            W_enc, W_dec, b_dec = W_enc * scale, W_dec / scale, b_dec / scale  # x·s folded in (1.0: unchanged)
             if not cfg.get("apply_b_dec_to_input", True):
                 b_enc = b_enc + b_dec @ W_enc  # fold: x W + b = (x - b_dec) W + (b + b_dec W)
             if arch == "topk" and cfg.get("rescale_acts_by_decoder_norm", False):

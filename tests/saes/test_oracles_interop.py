@@ -160,6 +160,47 @@ def test_sae_lens_layout_loads_into_project(tmp_path, kind):
         torch.testing.assert_close(ours.encode(x), theirs.encode(x), rtol=1e-4, atol=1e-5)
 
 
+def _standard_saved(tmp_path, **cfg_changes):
+    """A random sae-lens Standard SAE saved by sae-lens, its cfg.json then edited; returns (theirs, folder)."""
+    torch.manual_seed(0)
+    theirs = StandardSAE(StandardSAEConfig(d_in=D, d_sae=W))
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.normal_(0, 0.3)
+    theirs.save_model(tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    (tmp_path / "cfg.json").write_text(json.dumps({**cfg, **cfg_changes}))
+    return theirs, tmp_path
+
+
+def test_expected_average_only_in_is_folded_with_its_scaling_factor(tmp_path):
+    """sae-lens trains on s·x: the loaded SAE on raw x gives sae-lens's features of s·x and its output / s."""
+    s = 2.5
+    theirs, folder = _standard_saved(tmp_path, normalize_activations="expected_average_only_in", norm_scaling_factor=s)
+    ours = load_sae(folder, expected_d_in=D)
+    x = torch.randn(64, D)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.encode(x), theirs.encode(s * x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ours.decode(ours.encode(x)), theirs.decode(theirs.encode(s * x)) / s, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("changes, phrase", [
+    ({"normalize_activations": "layer_norm"}, "normalize_activations='layer_norm' normalises each input on its own"),
+    ({"normalize_activations": "constant_norm_rescale"}, "supported: none, expected_average_only_in"),
+    ({"normalize_activations": "covariance_whitening"}, "supported: none, expected_average_only_in"),
+    ({"normalize_activations": "expected_average_only_in"}, "needs its norm_scaling_factor"),
+    ({"normalize_activations": "expected_average_only_in", "norm_scaling_factor": -1}, "needs its norm_scaling_factor"),
+    ({"reshape_activations": "hook_z"}, "reshape_activations='hook_z' is not supported"),
+])
+def test_an_input_transform_that_cannot_be_honoured_is_refused_in_one_line(tmp_path, changes, phrase):
+    """Never a silent misload: what sae-lens does to inputs is folded in or refused."""
+    _, folder = _standard_saved(tmp_path, **changes)
+    with pytest.raises(SAELoadError) as info:
+        load_sae(folder, expected_d_in=D)
+    _one_line(info.value)
+    assert phrase in str(info.value)
+
+
 # ----------------------------------------------------------------------------- bad files
 def _one_line(e):
     assert isinstance(e, ValueError) and isinstance(e, SAEError) and "\n" not in str(e)

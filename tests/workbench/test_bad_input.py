@@ -80,6 +80,17 @@ def bad_sae_dir(root: Path, *, width: int, real_width: int = 96) -> Path:
     return folder
 
 
+def layer_norm_sae_dir(root: Path) -> Path:
+    """An SAELens-layout folder whose cfg.json asks for sae-lens's per-token layer norm of the inputs."""
+    folder = root / "layer-norm"
+    saes.save_sae(saes.build(saes.SAEConfig(d_in=64, width=96, k=4)), folder)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    del cfg["saes_config"]
+    cfg["normalize_activations"] = "layer_norm"
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    return folder
+
+
 def nested_json(tmp: Path, depth: int = 100_000) -> Path:
     path = tmp / "deep.json"
     path.write_text("[" * depth + "]" * depth)
@@ -106,6 +117,8 @@ CASES = {
                         "width must be at most"),
     "eval-width-large": (["eval", "--db", "{db}", "--sae", "{claims-2000000000}", "--hook", HOOK, "--no-downstream"],
                          "has shape"),
+    "eval-layer-norm": (["eval", "--db", "{db}", "--sae", "{layer-norm}", "--hook", HOOK, "--no-downstream"],
+                        "normalize_activations='layer_norm' normalises each input on its own"),
     "analyze-batch-zero": (["analyze", "--db", "{db}", "--sae", SAE, "--batch", "0", "--no-logits"], "positive integer"),
     "analyze-batch-negative": (["analyze", "--db", "{db}", "--sae", SAE, "--batch", "-1", "--no-logits"], "positive integer"),
     "analyze-sae-bad-utf8": (["analyze", "--db", "{db}", "--sae", "b\udcffad", "--no-logits"], "--sae is not valid UTF-8"),
@@ -137,7 +150,8 @@ def test_bad_input_is_one_line_and_changes_nothing(case, ws, tmp_path, capsys, t
     argv, phrase = CASES[case]
     places = {"{db}": str(ws), "{tmp}": str(tmp_path), "{deep}": str(nested_json(tmp_path)),
               "{claims-1000000000000}": str(bad_sae_dir(tmp_path, width=10**12)),
-              "{claims-2000000000}": str(bad_sae_dir(tmp_path, width=2_000_000_000))}
+              "{claims-2000000000}": str(bad_sae_dir(tmp_path, width=2_000_000_000)),
+              "{layer-norm}": str(layer_norm_sae_dir(tmp_path))}
     argv = [next((arg.replace(k, v) for k, v in places.items() if k in arg), arg) for arg in argv]
     before_tables, before_files = table_digest(ws), files_under(tmp_path)
     err = expect_one_line(argv, capsys)
