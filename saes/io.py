@@ -44,8 +44,20 @@ FORMAT_VERSION = 1
 SAE_LENS_FORMAT_VERSION = "6.0.0"  # cfg layout version sae-lens >= 6 reads without conversion
 
 
-def save_sae(sae: torch.nn.Module, directory: str | Path) -> Path:
-    """Write `sae` to `directory` in SAELens layout; returns the directory."""
+def sae_lens_version() -> str:
+    """The installed sae-lens's version (what its loader compares against), else the layout version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sae-lens")
+    except PackageNotFoundError:
+        return SAE_LENS_FORMAT_VERSION
+
+
+def save_sae(sae: torch.nn.Module, directory: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+    """Write `sae` to `directory` in SAELens layout; returns the directory. ``metadata`` joins cfg.json's
+    `metadata` (what sae-lens and Neuronpedia key on: hook_name, model_name, context_size, prepend_bos,
+    hook_head_index, dataset_path; the workspace supplies them when it trains)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     cfg: SAEConfig = sae.cfg
@@ -83,9 +95,10 @@ def save_sae(sae: torch.nn.Module, directory: str | Path) -> Path:
         if arch == "topk":
             out_cfg.update(k=cfg.k, rescale_acts_by_decoder_norm=False)
     out_cfg["metadata"] = {
-        "sae_lens_version": SAE_LENS_FORMAT_VERSION,
-        "sae_lens_training_version": SAE_LENS_FORMAT_VERSION,
+        "sae_lens_version": sae_lens_version(),
+        "sae_lens_training_version": sae_lens_version(),
         "training_architecture": cfg.arch,
+        **(metadata or {}),
     }
     out_cfg["saes_config"] = project
     save_file(tensors, str(directory / WEIGHTS_FILENAME))

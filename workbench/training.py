@@ -184,12 +184,21 @@ def train_sae(
             result = saes.train(sae_cfg, train_cfg, batches, on_log=log, checkpoint_dir=path, resume=resuming, device=device)
         finally:
             batches.close()  # stops the loader's reader thread (and frees its buffers) before the evaluation reads
-        saes.save_sae(result.sae, path)  # safetensors on the CPU whatever the SAE's device
+        saes.save_sae(result.sae, path, metadata=sae_lens_metadata(ws, run_id, hook))  # safetensors on the CPU
         metrics = evaluate(ws, result.sae, hook, run_id=run_id, model=model, device=device)
         metrics["train_tokens"] = result.tokens
         metrics["dead_tokens_window"] = result.dead_tokens
         _finish(ws, sae_id, metrics)
     return TrainedSAE(sae_id, name, path, metrics, result.resumed_from_step)
+
+
+def sae_lens_metadata(ws: Workspace, run_id: int, hook: str) -> dict:
+    """cfg.json's metadata from the cache run the SAE was trained on: what sae-lens needs to attach it
+    to a model (`SAETransformerBridge.add_sae` reads hook_name) and Neuronpedia to place it. Contexts
+    start with BOS (``workbench.data.chunking``)."""
+    run = next(r for r in ws.runs() if r["run"] == run_id)
+    return {"hook_name": hook, "hook_head_index": None, "model_name": run["model"], "context_size": run["ctx_len"],
+            "prepend_bos": True, "dataset_path": run["corpus"]}
 
 
 def _finish(ws: Workspace, sae_id: int, metrics: dict[str, float]) -> None:

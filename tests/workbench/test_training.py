@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,3 +113,41 @@ def test_killed_training_resumes_to_the_uninterrupted_result(cached_db, tmp_path
     a, b = saes.load_sae(killed_path), saes.load_sae(clean_path)
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), name
+
+
+def test_sae_lens_attaches_a_trained_sae_to_the_bridge_and_splices_it_as_we_do(cached_db, tiny):
+    """cfg.json carries what sae-lens keys on (hook, model, context, BOS, corpus, its own version), so
+    `SAETransformerBridge.add_sae(SAE.load_from_disk(dir))` attaches the SAE at the right hook and the
+    spliced forward equals ours (the reconstruction replacing the activation at every position)."""
+    from importlib.metadata import version
+
+    from sae_lens import SAE
+    from sae_lens.analysis.sae_transformer_bridge import SAETransformerBridge
+
+    from workbench.hooks import attached
+
+    assert main([*TRAIN, "--db", str(cached_db), "--name", "for-sae-lens", "--no-downstream"]) == 0
+    (path,), = rows(cached_db, "SELECT path FROM saes WHERE name = 'for-sae-lens'")
+    meta = json.loads((Path(path) / "cfg.json").read_text())["metadata"]
+    assert meta["hook_name"] == HOOK and meta["model_name"] == "tiny-llama" and meta["context_size"] == 64
+    assert meta["prepend_bos"] is True and meta["dataset_path"] == "stdlib" and meta["sae_lens_version"] == version("sae-lens")
+
+    bridge = tiny.model
+    theirs = SAE.load_from_disk(path)
+    ours = saes.load_sae(path)
+    tokens = torch.randint(0, 1000, (2, 16))
+    with torch.no_grad(), attached(bridge, [(HOOK, lambda acts, hook: ours.decode(ours.encode(acts.reshape(-1, 64))).view_as(acts))]):
+        spliced_here = bridge(tokens)
+    original_class = bridge.__class__
+    try:
+        bridge.__class__, bridge._acts_to_saes, bridge._transcoder_output_hooks = SAETransformerBridge, {}, {}
+        bridge.add_sae(theirs, use_error_term=False)
+        assert list(bridge.acts_to_saes) == [HOOK]  # attached, not "No hook found"
+        with torch.no_grad():
+            spliced_there = bridge(tokens)
+        bridge.reset_saes()
+    finally:
+        bridge.__class__ = original_class
+    torch.testing.assert_close(spliced_there, spliced_here, rtol=1e-4, atol=1e-4)  # two SAE implementations: float tolerance
+    with torch.no_grad():
+        assert not torch.allclose(bridge(tokens), spliced_here, atol=1e-3)  # the splice changed the output: a real comparison
