@@ -19,7 +19,8 @@ import torch
 from .errors import DeviceError
 
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
-_PATTERN = re.compile(r"^(auto|cpu|meta|cuda(:\d+)?)$")
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|meta|cuda(:\d+)?)$")
+"""The device names this policy resolves and checks (anything else is refused here)."""
 
 
 def resolve_device(spec: str | torch.device | None = "auto", *, what: str = "device") -> torch.device:
@@ -27,7 +28,7 @@ def resolve_device(spec: str | torch.device | None = "auto", *, what: str = "dev
     if isinstance(spec, torch.device):
         spec = str(spec)
     spec = "auto" if spec is None else str(spec).strip().lower()
-    if not _PATTERN.match(spec):
+    if not DEVICE_PATTERN.match(spec):
         raise DeviceError(f"{what} must be {DEVICE_CHOICES}, got {spec!r}")
     if spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import queue
 import random
-import re
 import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
@@ -34,17 +33,16 @@ import torch
 
 from workbench.storage import SERIAL_ELEMENTS
 
-_RESOLVED = re.compile(r"^(auto|cpu|meta|cuda(:\d+)?)$")
 _POLL_S = 0.05
 
 
 def target_device(device: str | torch.device | None) -> torch.device:
     """``device`` as a ``torch.device``: "auto" (or None), cpu, meta and cuda[:N] through
     ``saes.resolve_device`` (checked, one-line errors); anything else ``torch.device`` accepts."""
-    spec = "auto" if device is None else str(device).strip().lower()
-    if _RESOLVED.match(spec):
-        from saes.devices import resolve_device
+    from saes.devices import DEVICE_PATTERN, resolve_device
 
+    spec = "auto" if device is None else str(device).strip().lower()
+    if DEVICE_PATTERN.match(spec):
         return resolve_device(spec)
     return torch.device(device)
 
