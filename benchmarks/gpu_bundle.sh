@@ -27,5 +27,4 @@ mkdir -p .gpu/cache
 import shutil, sys
 from workbench.models import default_tokenizer_dir
 shutil.copytree(default_tokenizer_dir(), '.gpu/cache/smollm2-135m-tokenizer', dirs_exist_ok=True)"
-grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
 du -sh .whl .gpu
