@@ -421,7 +421,8 @@ def test_cli_steer_prints_both_generations_and_the_effect(ws_db, capsys):
     [
         (["--feature", "128"], "feature 128 out of range"),
         (["--feature", "1", "--hook", "blocks.9.hook_resid_post", "--sae", "DIR", "--unit", "raw"],
-         "unknown hook 'blocks.9.hook_resid_post'"),
+         "was trained on 'blocks.0.hook_resid_post', not 'blocks.9.hook_resid_post'"),  # cfg.json's metadata.hook_name
+        (["--spec", "VECTOR_UNKNOWN_HOOK"], "unknown hook 'blocks.9.hook_resid_post'"),
         (["--feature", "1", "--strength", "nan"], "strength must be a finite number within ±10000"),
         (["--feature", "1", "--strength", "inf"], "strength must be a finite number within ±10000"),
         (["--spec", "BAD_METHOD"], "unknown steering method 'boost'"),
@@ -432,7 +433,8 @@ def test_cli_steer_prints_both_generations_and_the_effect(ws_db, capsys):
 )
 def test_cli_steer_bad_input_is_one_line(ws_db, tmp_path, capsys, args, expected):
     files = {"BAD_METHOD": '{"interventions": [{"source": "steer-topk", "index": 1, "method": "boost"}]}',
-             "MALFORMED": '{"interventions": [{"source": '}
+             "MALFORMED": '{"interventions": [{"source": ',
+             "VECTOR_UNKNOWN_HOOK": json.dumps({"interventions": [{"vector": [0.5] * 64, "hook": "blocks.9.hook_resid_post"}]})}
     sae_dir = str(ws_db.with_suffix(".saes") / "steer-topk")
     args = [sae_dir if a == "DIR" else a for a in args]
     for name, text in files.items():
