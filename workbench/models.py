@@ -169,6 +169,13 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str | torch.device | N
     return LoadedModel(bridge, tokenizer, name_or_path)
 
 
+def model_device(model) -> torch.device:
+    """Where a ``LoadedModel`` (or a bare bridge / module) computes: its parameters' device."""
+    module = getattr(model, "model", model)
+    param = next(module.parameters(), None)
+    return param.device if param is not None else torch.device(str(module.cfg.device))
+
+
 def max_context(model) -> int:
     """The longest context the model accepts (its position-embedding limit)."""
     config = model.original_model.config

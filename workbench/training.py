@@ -30,6 +30,7 @@ from saes.evals import downstream_metrics, reconstruction_metrics
 from workbench.activations import context_ids, iter_activations
 from workbench.errors import WorkbenchError
 from workbench.hooks import attached
+from workbench.models import model_device
 from workbench.safety import check_name, check_writable_dir, confined
 from workbench.workspace import Workspace, fetch_one
 
@@ -47,13 +48,6 @@ class TrainedSAE:
     path: Path
     metrics: dict[str, float]
     resumed_from_step: int
-
-
-def model_device(model) -> torch.device:
-    """The device of a ``LoadedModel``'s (or a bare module's) parameters."""
-    module = getattr(model, "model", model)
-    param = next(module.parameters(), None)
-    return param.device if param is not None else torch.device(str(module.cfg.device))
 
 
 def run_device(device: str | torch.device | None, model=None) -> torch.device:

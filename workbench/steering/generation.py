@@ -15,7 +15,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .hooks import bridge_of, device_of, resolve_spec, steer
+from workbench.models import model_device
+
+from .hooks import bridge_of, resolve_spec, steer
 from .spec import SteeringError, SteeringSpec
 
 
@@ -35,7 +37,7 @@ def generate_tokens(model, tokens: Tensor, *, max_new_tokens: int = 40, seed: in
         raise SteeringError(f"temperature must be ≥ 0, got {temperature}")
     if max_new_tokens <= 0:
         raise SteeringError(f"max_new_tokens must be > 0, got {max_new_tokens}")
-    device = device_of(bridge)
+    device = model_device(bridge)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         out = bridge.generate(

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from workbench.models import LoadedModel, model_device
+
 from .scales import feature_scales
 from .sources import SAERef, decoder_vectors, encoder, is_codebook, load_steering_sae
 from .spec import Intervention, SteeringError, SteeringSpec
@@ -55,13 +57,7 @@ class Resolved(NamedTuple):
 
 def bridge_of(model):
     """Accept a ``LoadedModel`` or the ``TransformerBridge`` itself."""
-    from workbench.models import LoadedModel
-
     return model.model if isinstance(model, LoadedModel) else model
-
-
-def device_of(bridge) -> torch.device:
-    return torch.device(bridge.cfg.device) if getattr(bridge.cfg, "device", None) is not None else torch.device("cpu")
 
 
 def check_spec(spec: SteeringSpec, ws=None) -> list[tuple[Intervention, SAERef | None, str | None]]:
@@ -101,7 +97,7 @@ def resolve_spec(model, spec: SteeringSpec, ws=None) -> list[Resolved]:
             validate_hooks(bridge, [hook for _, _, hook in checked])
     except HookError as err:
         raise SteeringError(str(err)) from None
-    device = device_of(bridge)
+    device = model_device(bridge)
     resolved = []
     for iv, ref, hook in checked:
         if ref is not None:

@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from workbench.analysis import logit_effects
+from workbench.models import model_device
 
-from .hooks import bridge_of, device_of, resolve_spec
+from .hooks import bridge_of, resolve_spec
 from .sources import encoder
 from .spec import SteeringError, SteeringSpec
 
@@ -71,7 +72,7 @@ def js_divergence(logp: Tensor, logq: Tensor) -> Tensor:
 
 def _as_tokens(bridge, text: str | Tensor, max_tokens: int) -> Tensor:
     if isinstance(text, Tensor):
-        tokens = text.reshape(1, -1).to(device_of(bridge))
+        tokens = text.reshape(1, -1).to(model_device(bridge))
     else:
         tokens = bridge.to_tokens(text)  # (1, L)
     return tokens[:, :max_tokens]
