@@ -13,9 +13,10 @@ import pytest
 import torch
 
 import workbench.caching as caching
-from workbench.activations import context_ids, export_parquet, iter_activations, read_contexts
+from workbench.activations import context_ids, iter_activations, read_contexts
 from workbench.caching import ActivationCacher, CacheError, CacheRequest
 from workbench.data import chunk_and_tokenize
+from workbench.export import export_parquet
 from workbench.hooks import attached
 from workbench.workspace import Workspace
 

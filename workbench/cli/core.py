@@ -78,7 +78,7 @@ def workspace_summary(ws) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from workbench.activations import export_parquet
+    from workbench.export import export_parquet
     from workbench.workspace import Workspace
 
     with Workspace(args.db, read_only=True) as ws:
