@@ -18,6 +18,9 @@ Then, from those rows (one transaction, recomputed whole on every finish):
 - related features: the ``N_RELATED`` nearest decoder directions by cosine, with their
   co-occurrence Jaccard |A_f ∩ A_g| / |A_f ∪ A_g| over the analysed tokens.
 
+Last, an SAE whose weights live in the workspace's folder (``DB.saes/``) gets sae-lens's
+``sparsity.safetensors`` beside them: log10(density_f + 1e-10) (``write_sparsity``).
+
 Everything with the SAE runs on one device (``device``; default: the model's, else CUDA when
 present). A batch is encoded ``ENCODE_ELEMENTS`` dense latents at a time, compacted on the device
 to each token's nonzeros (values, columns) [rows, m], and comes to the host in one packed
@@ -27,7 +30,9 @@ from sorted keys t·width + f and ``searchsorted``, in memory linear in the stor
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -37,6 +42,7 @@ from tqdm.auto import tqdm
 import saes
 from workbench.activations import context_ids, read_contexts
 from workbench.errors import WorkbenchError
+from workbench.safety import UnsafeInputError, confined
 from workbench.storage import insert_arrow
 from workbench.training import run_device
 from workbench.workspace import SAERecord, Workspace, fetch_one, resolve_sae
@@ -164,10 +170,30 @@ def analyze(ws: Workspace, sae_ref: str | int, *, model=None, batch_contexts: in
             if model is not None:
                 _store_logit_effects(con, record, directions, model)
             con.execute("UPDATE analyses SET status = 'done' WHERE sae_id = ?", [record.sae_id])
+    write_sparsity(ws, record)
     n_nonzeros, live = fetch_one(
         ws.con, "SELECT sum(n_fired), count(*) FILTER (WHERE n_fired > 0) FROM feature_stats WHERE sae_id = ?", [record.sae_id]
     )
     return AnalysisSummary(record.sae_id, n_tokens, int(n_nonzeros or 0), done, int(live))
+
+
+def write_sparsity(ws: Workspace, record: SAERecord) -> Path | None:
+    """sae-lens's ``sparsity.safetensors`` beside the weights: log10(density_f + 1e-10) per latent from
+    ``feature_stats`` (saes.io.sparsity_from_density). Only for SAEs in the workspace's weights folder
+    (``DB.saes/``): a folder registered with ``eval --sae PATH`` is the user's and is not written to.
+    Returns the file, or None when nothing was written; a failed write warns, the analysis stands."""
+    try:
+        folder = confined(ws.weights_dir, record.path)
+    except UnsafeInputError:
+        return None
+    density = [d for (d,) in ws.query("SELECT density FROM feature_stats WHERE sae_id = ? ORDER BY feature", [record.sae_id])]
+    if len(density) != record.width:
+        return None
+    try:
+        return saes.io.save_sparsity(folder, saes.io.sparsity_from_density(density))
+    except (OSError, saes.SAEError) as err:
+        warnings.warn(f"sparsity.safetensors not written for SAE {record.name}: {err}", stacklevel=2)
+        return None
 
 
 def _store_statistics(con, record: SAERecord, n_tokens: int) -> None:
