@@ -79,7 +79,7 @@ def synthetic_batches(d: int, n_contexts: int, ctx: int = CTX, batch: int = 16, 
 
 def write_workspace(path: Path, d: int, n_contexts: int, ctx: int = CTX, *, bulk: bool = True) -> float:
     """Fill a workspace through the caching writer; seconds from the first batch to the last commit."""
-    from workbench.cache_writer import CacheWriter, HostBatch
+    from workbench.cache_writer import CacheWriter, DuckDBSink, HostBatch
     from workbench.storage import bulk_blob_settings, insert_arrow
     from workbench.workspace import Workspace
 
@@ -89,8 +89,9 @@ def write_workspace(path: Path, d: int, n_contexts: int, ctx: int = CTX, *, bulk
         settings = bulk_blob_settings(ws.con) if bulk else _no_settings()
         start = time.perf_counter()
         with settings:
-            with CacheWriter(ws.con, run_id=run_id, corpus_id=1, corpus=None, dtype="float16", ctx_len=ctx, commit_contexts=128,
-                             stored_docs=set(), insert=insert_arrow) as writer:
+            sink = DuckDBSink(ws.con, run_id=run_id, corpus_id=1, corpus=None, dtype="float16", ctx_len=ctx, commit_contexts=128,
+                              stored_docs=set(), insert=insert_arrow)
+            with CacheWriter(sink) as writer:
                 for contexts, acts in batches:
                     writer.put(HostBatch(contexts, {HOOK: acts}))
             elapsed = time.perf_counter() - start

@@ -33,6 +33,8 @@ NESTED_LAYERS = ("workbench.cli", "workbench.data", "workbench.app")
 
 def layer(module: str) -> str | None:
     """The layer of a dotted module name, or None for a module outside the project."""
+    if module == "workbench.__main__":  # `python -m workbench` / `torchrun -m workbench`: the command line
+        return "workbench.cli"
     for nested in NESTED_LAYERS:
         if module == nested or module.startswith(nested + "."):
             return nested.removeprefix("workbench.") if nested != "workbench.cli" else nested

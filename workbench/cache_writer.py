@@ -8,9 +8,12 @@
       copy into pinned host memory + an event           COMMIT once ``commit_contexts`` contexts are in it
     ``put`` --> bounded queue (``depth`` batches) -->
 
-The writer uses its own DuckDB connection (a cursor of the workspace's) and the main thread does
-not touch the database while it runs, so no connection is ever used by two threads at once. Every
-transaction holds whole forward batches, so a job killed at any point keeps whole transactions.
+What the thread does with a batch is its sink's job: ``DuckDBSink`` inserts rows into DuckDB
+transactions, ``workbench.shards.ShardSink`` writes Parquet shard files and publishes each when
+its chunk is complete. The DuckDB sink uses its own connection (a cursor of the workspace's) and
+the main thread does not touch the database while it runs, so no connection is ever used by two
+threads at once. Every unit (transaction or shard) holds whole forward batches, so a job killed at
+any point keeps whole units.
 An error on the writer (disk full, an overflowing activation) rolls its transaction back and is
 raised again, the same exception, by the main thread's next ``put`` or by ``finish``; an error on
 the main thread rolls the open transaction back (``abort``), and a rerun redoes it.
@@ -48,6 +51,8 @@ class HostBatch:
     contexts: list  # the batch's contexts (``workbench.data`` records: index, token_ids, doc_ids)
     acts: dict[str, torch.Tensor]  # hook -> [B, L, d] on the host: as captured (CPU) or in the storage dtype (pinned)
     ready: object | None = None  # a torch.cuda.Event recorded after the device-to-host copies, else None
+    chunk: int | None = None  # Parquet store: the shard chunk the batch belongs to
+    closes_chunk: bool = False  # Parquet store: the chunk's last batch
 
 
 def to_host(acts: dict[str, torch.Tensor], dtype: str) -> tuple[dict[str, torch.Tensor], object | None]:
@@ -114,17 +119,57 @@ def storage_bits(value: torch.Tensor, dtype: str, hook: str) -> np.ndarray:
     return bits
 
 
-class CacheWriter:
-    """The writer thread of one caching job; see the module docstring. ``insert(con, table, rows)``
-    appends Arrow rows (``storage.insert_arrow``)."""
+class DuckDBSink:
+    """Where a DuckDB-store job's batches go: Arrow rows appended inside transactions of about
+    ``commit_contexts`` contexts. ``insert(con, table, rows)`` appends (``storage.insert_arrow``).
+    The sink uses its own DuckDB connection (a cursor of the workspace's)."""
 
     def __init__(self, con, *, run_id: int, corpus_id: int, corpus, dtype: str, ctx_len: int, commit_contexts: int,
-                 stored_docs: set[int], insert: Callable, depth: int = 4):
-        self.committed = 0  # contexts in committed transactions (read by the main thread for its progress bar)
-        self.transactions = 0
-        self._con = con.cursor()  # the writer's own connection to the same database
+                 stored_docs: set[int], insert: Callable):
+        self._con = con.cursor()
         self._job = dict(run_id=run_id, corpus_id=corpus_id, ctx_len=ctx_len, corpus=corpus)
         self._dtype, self._commit, self._docs, self._insert = dtype, max(1, commit_contexts), stored_docs, insert
+        self._pending = 0
+
+    def begin(self) -> None:
+        self._con.execute("BEGIN TRANSACTION")
+        self._pending = 0
+
+    def write(self, batch: HostBatch) -> bool:
+        """Insert one batch into the open transaction; True when it should commit now."""
+        blobs = {hook: storage_bits(value, self._dtype, hook) for hook, value in batch.acts.items()}
+        tables = batch_tables(self._job["run_id"], self._job["corpus_id"], batch.contexts, blobs, self._job["ctx_len"],
+                              self._job["corpus"], self._docs)
+        for name, rows in tables.items():
+            self._insert(self._con, name, rows)
+        self._docs.update(tables["documents"].column("doc_id").to_pylist())
+        self._pending += len(batch.contexts)
+        return self._pending >= self._commit
+
+    def commit(self) -> int:
+        self._con.execute("COMMIT")
+        return self._pending
+
+    def rollback(self) -> None:
+        try:
+            self._con.execute("ROLLBACK")
+        except Exception:  # noqa: BLE001 - the connection may be unusable; closing discards the transaction
+            pass
+
+    def close(self) -> None:
+        self._con.close()
+
+
+class CacheWriter:
+    """The writer thread of one caching job (see the module docstring): batches from ``put`` go to
+    ``sink`` (``DuckDBSink``, or ``workbench.shards.ShardSink``), which opens a unit of work with
+    ``begin``, takes batches with ``write`` (True: commit now), publishes it with ``commit``
+    (returning the contexts it held) or discards it with ``rollback``; ``close`` at the end."""
+
+    def __init__(self, sink, depth: int = 4):
+        self.committed = 0  # contexts in committed units (read by the main thread for its progress bar)
+        self.transactions = 0
+        self._sink = sink
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._abort = threading.Event()
         self._error: BaseException | None = None
@@ -151,7 +196,7 @@ class CacheWriter:
             raise self._error
 
     def abort(self) -> None:
-        """Roll the open transaction back and stop the thread (the main thread is failing)."""
+        """Roll the open unit back and stop the thread (the main thread is failing)."""
         self._abort.set()
         self._thread.join()
 
@@ -170,7 +215,7 @@ class CacheWriter:
 
     # -- the writer thread ----------------------------------------------------------------------
     def _run(self) -> None:
-        con, pending, open_ = self._con, 0, False  # contexts in the open transaction; whether one is open
+        sink, open_ = self._sink, False  # whether a unit is open
         try:
             while not self._abort.is_set():
                 try:
@@ -181,38 +226,24 @@ class CacheWriter:
                     break
                 if item is _FINISH:
                     if open_:
-                        self._commit_open(pending)
+                        self._commit_open()
                         open_ = False
                     break
                 if not open_:
-                    con.execute("BEGIN TRANSACTION")
-                    open_, pending = True, 0
-                self._write(item)
-                pending += len(item.contexts)
-                if pending >= self._commit:
-                    self._commit_open(pending)
+                    sink.begin()
+                    open_ = True
+                if item.ready is not None:
+                    item.ready.synchronize()  # the device-to-host copies have landed
+                if sink.write(item):
+                    self._commit_open()
                     open_ = False
         except BaseException as err:  # noqa: BLE001 - raised again on the main thread
             self._error = err
         finally:
             if open_:
-                try:
-                    con.execute("ROLLBACK")
-                except Exception:  # noqa: BLE001 - the connection may be unusable; closing discards the transaction
-                    pass
-            con.close()
+                sink.rollback()
+            sink.close()
 
-    def _commit_open(self, pending: int) -> None:
-        self._con.execute("COMMIT")
-        self.committed += pending
+    def _commit_open(self) -> None:
+        self.committed += self._sink.commit()
         self.transactions += 1
-
-    def _write(self, batch: HostBatch) -> None:
-        if batch.ready is not None:
-            batch.ready.synchronize()  # the device-to-host copies have landed
-        blobs = {hook: storage_bits(value, self._dtype, hook) for hook, value in batch.acts.items()}
-        tables = batch_tables(self._job["run_id"], self._job["corpus_id"], batch.contexts, blobs, self._job["ctx_len"],
-                              self._job["corpus"], self._docs)
-        for name, rows in tables.items():
-            self._insert(self._con, name, rows)
-        self._docs.update(tables["documents"].column("doc_id").to_pylist())

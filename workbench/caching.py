@@ -24,7 +24,7 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
-from workbench.cache_writer import CONTEXT_ID_SHIFT, CacheError, CacheWriter, HostBatch, to_host
+from workbench.cache_writer import CONTEXT_ID_SHIFT, CacheError, CacheWriter, DuckDBSink, HostBatch, to_host
 from workbench.data import Corpus, chunk_and_tokenize, token_strings
 from workbench.hooks import Capture, attached, stop_layer, validate_hooks
 from workbench.models import LoadedModel, max_context
@@ -35,6 +35,7 @@ __all__ = ["CONTEXT_ID_SHIFT", "CacheError", "CacheRequest", "CacheSummary", "Ac
 
 MAX_CONTEXTS = 2**31 - 1  # a context's index is a 32-bit column (and the low half of its id)
 MAX_CTX = 2**15 - 1  # positions are 16-bit
+STORES = ("duckdb", "parquet")
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,11 @@ class CacheRequest:
     dtype: Literal["float16", "bfloat16"] = "float16"
     """Storage dtype, 2 bytes per dimension (float16 is refused where an activation would overflow it)."""
     commit_contexts: int = 128
-    """Contexts per committed transaction, rounded up to whole batches: what a killed job keeps, and what a rerun redoes at most."""
+    """Contexts per committed transaction (duckdb) or shard file (parquet), rounded up to whole batches: what a kill loses at most."""
+    store: Literal["duckdb", "parquet"] = "duckdb"
+    """Where activations go: the DuckDB file (small caches), or Parquet shards (large caches, and N processes under torchrun)."""
+    shards: str | None = None
+    """Parquet store: the shards' root, a folder or a file://, s3:// or gs:// URL (default: DB.shards/ beside the workspace)."""
 
     def __post_init__(self) -> None:
         if self.tokens <= 0:
@@ -76,6 +81,15 @@ class CacheRequest:
             raise CacheError(f"--dtype must be one of {', '.join(STORAGE_DTYPES)}, got '{self.dtype}'")
         if len(set(self.hooks)) != len(self.hooks):
             raise CacheError(f"a hook is repeated in {list(self.hooks)}")
+        if self.store not in STORES:
+            raise CacheError(f"--store must be one of {', '.join(STORES)}, got '{self.store}'")
+        if self.shards is not None and self.store != "parquet":
+            raise CacheError("--shards names where Parquet shards go; add --store parquet (or leave --shards out)")
+
+    @property
+    def chunk_contexts(self) -> int:
+        """Contexts per shard chunk: ``commit_contexts`` rounded up to whole batches."""
+        return -(-self.commit_contexts // self.batch_size) * self.batch_size
 
     @property
     def n_contexts(self) -> int:
@@ -85,7 +99,7 @@ class CacheRequest:
         """The fields that define a run (everything but the size, the batching and the commit size)."""
         fields = asdict(self)
         fields["hooks"] = sorted(self.hooks)
-        del fields["tokens"], fields["batch_size"], fields["commit_contexts"]
+        del fields["tokens"], fields["batch_size"], fields["commit_contexts"], fields["store"], fields["shards"]
         return fields
 
 
@@ -165,25 +179,35 @@ class ActivationCacher:
             fields["model_dtype"] = model_dtype
         return fields
 
-    def _find_or_create_run(self, corpus_id: int) -> int:
+    def _find_or_create_run(self, corpus_id: int, store_url: str | None = None) -> int:
+        """The run of this request (resumed or extended), or a new one; a run keeps the store it
+        was started with (``store_url``: the Parquet store's root for a new parquet run)."""
         identity = json.dumps(self._identity(), sort_keys=True)
-        row = fetch_one(self.ws.con, 
-            "SELECT run_id, n_contexts_target, status FROM runs WHERE kind = 'cache' AND config = ?::JSON", [identity]
-        )
+        req = self.request
+        row = fetch_one(self.ws.con,
+            "SELECT run_id, n_contexts_target, status, store, store_url FROM runs WHERE kind = 'cache' AND config = ?::JSON",
+            [identity])
         if row:
-            run_id, target, status = int(row[0]), int(row[1]), row[2]
+            run_id, target, status, store, url = int(row[0]), int(row[1]), row[2], row[3] or "duckdb", row[4]
+            if store != req.store:
+                where = f" at {url}" if url else ""
+                raise CacheError(f"run {run_id} of this request keeps its activations in {store}{where}; one run cannot mix stores: "
+                                 f"rerun with --store {store}, or change the request (e.g. --seed) to start another run")
+            if req.shards is not None and store_url != url:
+                raise CacheError(f"run {run_id} keeps its shards at {url}, not {req.shards}; rerun with --shards {url} or without --shards")
             if self.request.n_contexts > target or status != "done":  # extended or resumed; earlier failure cleared
                 self.ws.con.execute(
                     "UPDATE runs SET n_contexts_target = ?, status = 'running', error = NULL WHERE run_id = ?",
                     [max(target, self.request.n_contexts), run_id],
                 )
             return run_id
-        req = self.request
         run_id = int(
-            fetch_one(self.ws.con, 
-                """INSERT INTO runs (kind, model, corpus_id, ctx_len, seed, n_contexts_target, dtype, config, status)
-                   VALUES ('cache', ?, ?, ?, ?, ?, ?, ?::JSON, 'running') RETURNING run_id""",
-                [req.model, corpus_id, req.ctx_len, req.seed, req.n_contexts, req.dtype, identity],
+            fetch_one(self.ws.con,
+                """INSERT INTO runs (kind, model, corpus_id, ctx_len, seed, n_contexts_target, dtype, config, status,
+                                     store, store_url, chunk_contexts)
+                   VALUES ('cache', ?, ?, ?, ?, ?, ?, ?::JSON, 'running', ?, ?, ?) RETURNING run_id""",
+                [req.model, corpus_id, req.ctx_len, req.seed, req.n_contexts, req.dtype, identity, req.store, store_url,
+                 req.chunk_contexts if req.store == "parquet" else None],
             )[0]
         )
         d_model = self._hook_dims()
@@ -211,6 +235,15 @@ class ActivationCacher:
         insert_arrow(self.ws.con, "vocab", rows)
 
     # -- the job ---------------------------------------------------------------------------
+    def forward(self, capture: Capture, batch: list, **where) -> HostBatch:
+        """One forward pass over a batch of contexts (the hooks of ``capture`` attached), handed
+        over for the writer; ``where``: the shard chunk fields of ``HostBatch``."""
+        tokens = _to_device(torch.tensor([c.token_ids for c in batch]), self.loaded.model.cfg.device)  # [B, L]
+        with torch.inference_mode():
+            self.loaded.model(tokens, stop_at_layer=self.stop_at)
+            acts, ready = to_host({hook: capture.latest[hook] for hook in self.request.hooks}, self.request.dtype)
+        return HostBatch(batch, acts, ready, **where)
+
     def run(self, progress: bool = True) -> CacheSummary:
         req = self.request
         with self.ws.transaction():
@@ -233,16 +266,12 @@ class ActivationCacher:
         written, shown = done, done  # contexts forwarded / shown as committed
         # The writer thread owns the database from here until it has finished (see workbench.cache_writer).
         with self.ws.job("runs", run_id), bar, attached(self.loaded.model, capture.hooks()), bulk_blob_settings(self.ws.con):
-            writer = CacheWriter(self.ws.con, run_id=run_id, corpus_id=corpus_id, corpus=self.corpus, dtype=req.dtype,
-                                 ctx_len=req.ctx_len, commit_contexts=req.commit_contexts, stored_docs=stored_docs,
-                                 insert=insert_arrow)
+            writer = CacheWriter(DuckDBSink(self.ws.con, run_id=run_id, corpus_id=corpus_id, corpus=self.corpus, dtype=req.dtype,
+                                            ctx_len=req.ctx_len, commit_contexts=req.commit_contexts, stored_docs=stored_docs,
+                                            insert=insert_arrow))
             with writer:
                 for batch in _batches(remaining, req.batch_size):
-                    tokens = _to_device(torch.tensor([c.token_ids for c in batch]), self.loaded.model.cfg.device)  # [B, L]
-                    with torch.inference_mode():
-                        self.loaded.model(tokens, stop_at_layer=self.stop_at)
-                        acts, ready = to_host({hook: capture.latest[hook] for hook in req.hooks}, req.dtype)
-                    writer.put(HostBatch(batch, acts, ready))
+                    writer.put(self.forward(capture, batch))
                     written += len(batch)
                     shown = _show(bar, done + writer.committed, shown, req.ctx_len)
                 handed = time.perf_counter()
@@ -284,11 +313,11 @@ def stored_bytes_per_token(ws: Workspace, run_id: int) -> float:
 
 def run_cache(*, db: str | Path, model: str, hooks: Sequence[str], corpus: str, tokens: int, ctx: int = 128,
               batch: int = 16, seed: int = 0, dtype: str = "float16", device: str | None = None, progress: bool = True,
-              commit_contexts: int = 128, model_dtype: str | None = None):
+              commit_contexts: int = 128, model_dtype: str | None = None, store: str = "duckdb", shards: str | None = None):
     """Cache ``tokens`` tokens of ``corpus`` at ``hooks`` of ``model`` into workspace ``db`` (created if
     missing; a rerun of the same request resumes). See ``cache``."""
     request = CacheRequest(model=model, hooks=tuple(hooks), corpus=corpus, tokens=tokens, ctx_len=ctx,
-                           batch_size=batch, seed=seed, dtype=dtype, commit_contexts=commit_contexts)
+                           batch_size=batch, seed=seed, dtype=dtype, commit_contexts=commit_contexts, store=store, shards=shards)
     return cache(db, request, device=device, model_dtype=model_dtype, progress=progress)
 
 
@@ -298,8 +327,13 @@ def cache(db: str | Path, request: CacheRequest, *, device: str | None = None, m
     auto, ``workbench.devices``). Everything is checked first, cheap checks before the model loads,
     so bad input fails fast and writes nothing."""
     from workbench.data import load_corpus
+    from workbench.distributed import world
     from workbench.models import load_model
 
+    if request.store == "parquet" or world()[1] > 1:
+        from workbench.shard_caching import cache_sharded
+
+        return cache_sharded(db, request, device=device, model_dtype=model_dtype, progress=progress)
     ensure_writable(db)  # missing folder, read-only, busy, not a workspace: before the model loads
     loaded = load_model(request.model, device=device, dtype=model_dtype)
     validate_request(loaded, request)

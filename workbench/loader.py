@@ -12,9 +12,12 @@ The host never makes a float32 copy; conversion and shuffle happen where the bat
 nothing on the device side reads a value back (no ``item``, no data-dependent shapes).
 
 Order is exactly that of the first implementation, so a trainer resuming from a checkpoint sees
-the same batches: epoch ``e`` shuffles the contexts with ``random.Random(seed + e)``, reads them
-``per_read`` at a time, and permutes each block's selected rows with ``torch.randperm`` on a CPU
-generator seeded ``seed + e``; rows left after the last whole batch of a block start the next one.
+the same batches: epoch ``e`` shuffles the units (contexts in DuckDB, row groups of Parquet
+shards) with ``random.Random(seed + e)``, reads them ``per_read`` at a time, and permutes each
+block's selected rows with ``torch.randperm`` on a CPU generator seeded ``seed + e``; rows left
+after the last whole batch of a block start the next one. Under DDP each rank reads a disjoint
+slice of every epoch's order (``block_order``), and every rank yields the same number of batches
+(``batches_per_rank``), so no rank waits for another at the end.
 
 The thread stops when the consumer closes the iterator, drops it, or breaks out of a loop over it
 (a stop flag, then a join); an exception on the thread is raised again in the consumer.
@@ -22,6 +25,7 @@ The thread stops when the consumer closes the iterator, drops it, or breaks out 
 
 from __future__ import annotations
 
+import itertools
 import queue
 import random
 import threading
@@ -115,13 +119,51 @@ class Prefetcher:
         self._thread.join()
 
 
-def block_order(ids: Sequence[int], *, seed: int, epochs: int, per_read: int) -> Iterator[tuple[int, list[int]]]:
-    """(epoch, context ids of one block) in reading order: each epoch a new seeded shuffle."""
+def block_order(units: Sequence, *, seed: int, epochs: int, per_read: int, weights: Sequence[int] | None = None,
+                rank: int = 0, world: int = 1) -> Iterator[tuple[int, list]]:
+    """(epoch, units of one block) in reading order: each epoch a new seeded shuffle of ``units``
+    (context ids, or row groups of shards). With ``world`` > 1, rank ``rank`` reads its slice of
+    each epoch's shuffled order: the units whose first token (by ``weights``, tokens per unit;
+    1 each by default) falls in [rank·T/world, (rank+1)·T/world), so the ranks' slices are disjoint,
+    cover the epoch and differ in size by at most one unit."""
     for epoch in range(epochs):
-        order = list(ids)
+        order = list(units)
         random.Random(seed + epoch).shuffle(order)
+        if world > 1:
+            order = [order[i] for i in rank_slice(_shuffled_weights(weights, len(units), seed + epoch), rank, world)]
         for start in range(0, len(order), per_read):
             yield epoch, order[start : start + per_read]
+
+
+def _shuffled_weights(weights: Sequence[int] | None, n: int, seed: int) -> list[int]:
+    """``weights`` in the order ``random.Random(seed).shuffle`` puts a list of ``n`` items (it
+    permutes positions whatever the items are)."""
+    shuffled = list(weights) if weights is not None else [1] * n
+    random.Random(seed).shuffle(shuffled)
+    return shuffled
+
+
+def rank_slice(weights: Sequence[int], rank: int, world: int) -> range:
+    """Positions of ``rank``'s slice of items with these ``weights`` (see ``block_order``)."""
+    total, start, begin, end = sum(weights), 0, None, len(weights)
+    for i, w in enumerate(weights):  # start · world against rank · total: integers, no rounding
+        if begin is None and start * world >= rank * total:
+            begin = i
+        if start * world >= (rank + 1) * total:
+            end = i
+            break
+        start += w
+    return range(begin if begin is not None else len(weights), end)
+
+
+def batches_per_rank(weights: Sequence[int], *, seed: int, epochs: int, world: int, batch_size: int) -> int:
+    """How many whole batches every rank can yield: the least over ranks of its tokens (all epochs) // batch_size."""
+    totals = [0] * world
+    for epoch in range(epochs):
+        shuffled = _shuffled_weights(weights, len(weights), seed + epoch)
+        for rank in range(world):
+            totals[rank] += sum(shuffled[i] for i in rank_slice(shuffled, rank, world))
+    return min(totals) // batch_size
 
 
 def shuffled_index(n_contexts: int, ctx_len: int, skip: int, generator: torch.Generator, rows: np.ndarray) -> torch.Tensor:
@@ -141,20 +183,22 @@ def _pinned(data: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def read_blocks(read: Callable[[list[int]], tuple[torch.Tensor, np.ndarray]], ids: Sequence[int], *, ctx_len: int, seed: int,
-                epochs: int, per_read: int, skip: int, pin: bool) -> Callable[[Callable[[object], bool]], None]:
-    """The reader thread's job: ``read(context_ids)`` gives a block as stored, [n * ctx_len, d] in the
-    storage dtype (any context order), and the row of each asked context in it; each block is put
-    (pinned when ``pin``) with its shuffled index."""
+def read_blocks(read: Callable[[list], tuple[torch.Tensor, np.ndarray]], units: Sequence, *, ctx_len: int, seed: int,
+                epochs: int, per_read: int, skip: int, pin: bool, weights: Sequence[int] | None = None, rank: int = 0,
+                world: int = 1) -> Callable[[Callable[[object], bool]], None]:
+    """The reader thread's job: ``read(units)`` gives a block as stored, [n * ctx_len, d] in the
+    storage dtype (any context order), and the context slot in it of each selected context; each
+    block is put (pinned when ``pin``) with its shuffled index. ``block_order`` says which units
+    this rank reads."""
 
     def produce(put: Callable[[object], bool]) -> None:
         generator, current = torch.Generator(), None
-        for epoch, chunk in block_order(ids, seed=seed, epochs=epochs, per_read=per_read):
+        for epoch, chunk in block_order(units, seed=seed, epochs=epochs, per_read=per_read, weights=weights, rank=rank, world=world):
             if epoch != current:
                 generator.manual_seed(seed + epoch)
                 current = epoch
             data, rows = read(chunk)
-            index = shuffled_index(len(chunk), ctx_len, skip, generator, rows)
+            index = shuffled_index(len(rows), ctx_len, skip, generator, rows)
             if not put(Block(_pinned(data), index.pin_memory()) if pin else Block(data, index)):
                 return
 
@@ -180,7 +224,8 @@ def gather_rows(data: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def device_batches(blocks: Iterator[Block], batch_size: int, device: torch.device, drop_last: bool) -> Iterator[torch.Tensor]:
     """float32 [batch_size, d] batches on ``device``: each block moved there as stored, each batch
     gathered by its slice of the shuffled index and converted there. Rows left after a block's last
-    whole batch open the next one; the final remainder is yielded only when not ``drop_last``."""
+    whole batch open the next one; the final remainder is yielded only when not ``drop_last``.
+    (``prefetched_batches`` stops after ``limit`` batches when given.)"""
     carry: torch.Tensor | None = None  # [r < batch_size, d] float32 on device
     for block in blocks:
         data = block.data.to(device, non_blocking=True)  # [rows, d] storage dtype
@@ -204,11 +249,13 @@ def device_batches(blocks: Iterator[Block], batch_size: int, device: torch.devic
 
 
 def prefetched_batches(produce: Callable[[Callable[[object], bool]], None], *, batch_size: int, device: torch.device,
-                       drop_last: bool, prefetch: int) -> Iterator[torch.Tensor]:
-    """``device_batches`` over blocks from a ``Prefetcher`` running ``produce``; the thread is stopped
-    and joined however the iteration ends (exhausted, closed, dropped, or raising)."""
+                       drop_last: bool, prefetch: int, limit: int | None = None) -> Iterator[torch.Tensor]:
+    """``device_batches`` over blocks from a ``Prefetcher`` running ``produce``, at most ``limit``
+    of them (None: all); the thread is stopped and joined however the iteration ends (exhausted,
+    closed, dropped, or raising)."""
     reader = Prefetcher(produce, depth=prefetch, name="activation-reader")
     try:
-        yield from device_batches(iter(reader), batch_size, device, drop_last)
+        batches = device_batches(iter(reader), batch_size, device, drop_last)
+        yield from batches if limit is None else itertools.islice(batches, limit)
     finally:
         reader.close()

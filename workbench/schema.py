@@ -50,11 +50,17 @@ Version 6 masks by token concept and at matched budgets, and adds Monet's concep
 Version 7 records why a job failed (``status = 'failed'``; a rerun resumes it)::
 
     runs(..., error)   saes(..., error)   analyses(..., error)
+
+Version 8 lets a cache run keep its activations as Parquet shards (``workbench.shards``)::
+
+    runs(..., store, store_url, chunk_contexts)     store 'duckdb' (rows of ``activations``) or 'parquet'
+    shards(run_id, hook, chunk, path, n_contexts, bytes, rank)   the published shard files of a
+                                                 parquet run; path relative to store_url
 """
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 # Migration N takes a workspace from version N-1 to N. Append, never edit.
 MIGRATIONS: dict[int, str] = {
@@ -389,6 +395,21 @@ MIGRATIONS: dict[int, str] = {
     ALTER TABLE runs ADD COLUMN error VARCHAR;
     ALTER TABLE saes ADD COLUMN error VARCHAR;
     ALTER TABLE analyses ADD COLUMN error VARCHAR;
+    """,
+    8: """
+    ALTER TABLE runs ADD COLUMN store VARCHAR DEFAULT 'duckdb';
+    ALTER TABLE runs ADD COLUMN store_url VARCHAR;
+    ALTER TABLE runs ADD COLUMN chunk_contexts INTEGER;
+    CREATE TABLE shards (
+        run_id     INTEGER NOT NULL,
+        hook       VARCHAR NOT NULL,
+        chunk      INTEGER NOT NULL,
+        path       VARCHAR NOT NULL,
+        n_contexts INTEGER NOT NULL,
+        bytes      BIGINT NOT NULL,
+        rank       INTEGER NOT NULL,
+        PRIMARY KEY (run_id, hook, chunk)
+    );
     """,
 }
 

@@ -13,6 +13,7 @@ checkpoint and skips the batches it had consumed (the reader is deterministic by
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -27,11 +28,12 @@ import torch.nn.functional as F
 
 import saes
 from saes.evals import downstream_metrics, reconstruction_metrics
-from workbench.activations import context_ids, iter_activations
+from workbench.activations import context_ids, iter_activations, iter_shards, shard_hook
 from workbench.errors import WorkbenchError
 from workbench.hooks import attached
 from workbench.models import model_device
 from workbench.safety import check_name, check_writable_dir, confined
+from workbench.shards import ShardHook
 from workbench.workspace import Workspace, fetch_one
 
 EVAL_CONTEXTS = 16  # held-out contexts scored by the language model (logits are [contexts, L, vocab])
@@ -127,6 +129,45 @@ def _register(ws: Workspace, name: str, run_id: int, hook: str, sae_cfg: saes.SA
     return int(sae_id), False
 
 
+@dataclass(frozen=True)
+class TrainPlan:
+    """An SAE registered and ready to train (decided by rank 0 under torchrun, sent to every rank)."""
+
+    sae_id: int
+    name: str
+    path: Path
+    hook: str
+    run_id: int
+    sae_cfg: saes.SAEConfig
+    train_cfg: saes.TrainConfig
+    resuming: bool
+    epochs: int
+    shard: ShardHook | None  # Parquet runs: what ranks other than 0 read without the workspace
+
+
+def prepare_training(ws: Workspace, hook: str, sae_fields: dict, train_cfg: saes.TrainConfig, *, name: str | None = None,
+                     run_id: int | None = None, out: Path | None = None, device: torch.device | None = None) -> TrainPlan:
+    """Every check, then the ``saes`` row (new, or the unfinished one to resume): see ``train_sae``."""
+    run_id = ws.resolve_hook_run(hook, run_id)
+    sae_cfg = saes.SAEConfig(d_in=hook_dim(ws, run_id, hook), **sae_fields)
+    available = train_tokens_available(ws, run_id, hook)
+    if available < train_cfg.batch_size:
+        raise TrainingError(
+            f"only {available} training tokens are cached for '{hook}', fewer than one batch of {train_cfg.batch_size}; "
+            "cache more tokens or lower --batch-size"
+        )
+    name = check_name(name or default_name(sae_cfg, hook), "SAE name")
+    path = Path(out).expanduser().resolve() if out else confined(ws.weights_dir, name)
+    config = {"sae": sae_cfg.to_dict(), "train": train_cfg.to_dict(), "hook": hook, "run_id": run_id}
+    _existing(ws, name, config)  # every check before anything is written
+    check_fits_in_memory(sae_cfg, train_cfg.batch_size, device)
+    check_writable_dir(path, "weights folder")
+    with ws.transaction():
+        sae_id, resuming = _register(ws, name, run_id, hook, sae_cfg, config, path)
+    epochs = math.ceil(train_cfg.total_tokens / available) + 1  # the trainer stops at total_tokens
+    return TrainPlan(sae_id, name, path, hook, run_id, sae_cfg, train_cfg, resuming, epochs, shard_hook(ws, hook, run_id))
+
+
 def train_sae(
     ws: Workspace,
     hook: str,
@@ -147,43 +188,93 @@ def train_sae(
     the batches arrive, the SAE trains and the evaluation runs; the saved weights are device-free.
     """
     device = run_device(device, model)
-    run_id = ws.resolve_hook_run(hook, run_id)
-    sae_cfg = saes.SAEConfig(d_in=hook_dim(ws, run_id, hook), **sae_fields)
-    available = train_tokens_available(ws, run_id, hook)
-    if available < train_cfg.batch_size:
-        raise TrainingError(
-            f"only {available} training tokens are cached for '{hook}', fewer than one batch of {train_cfg.batch_size}; "
-            "cache more tokens or lower --batch-size"
-        )
-    name = check_name(name or default_name(sae_cfg, hook), "SAE name")
-    path = Path(out).expanduser().resolve() if out else confined(ws.weights_dir, name)
-    config = {"sae": sae_cfg.to_dict(), "train": train_cfg.to_dict(), "hook": hook, "run_id": run_id}
-    _existing(ws, name, config)  # every check before anything is written
-    check_fits_in_memory(sae_cfg, train_cfg.batch_size, device)
-    check_writable_dir(path, "weights folder")
-    with ws.transaction():
-        sae_id, resuming = _register(ws, name, run_id, hook, sae_cfg, config, path)
-    epochs = math.ceil(train_cfg.total_tokens / available) + 1  # the trainer stops at total_tokens
-    batches = iter_activations(ws, hook, train_cfg.batch_size, seed=train_cfg.seed, run_id=run_id, split="train", epochs=epochs,
-                               device=device)  # [batch_size, d] float32 on the device
+    plan = prepare_training(ws, hook, sae_fields, train_cfg, name=name, run_id=run_id, out=out, device=device)
+    batches = iter_activations(ws, hook, train_cfg.batch_size, seed=train_cfg.seed, run_id=plan.run_id, split="train",
+                               epochs=plan.epochs, device=device)  # [batch_size, d] float32 on the device
+    with ws.job("saes", plan.sae_id):  # a failure is recorded on the row; the same command resumes
+        result = _train(plan, train_cfg, batches, device, _logger(ws, plan.sae_id))
+        return _save_and_evaluate(ws, plan, result, model, device)
 
+
+def train_sae_ddp(db: str | Path, hook: str, sae_fields: dict, train_cfg: saes.TrainConfig, *, name: str | None = None,
+                  run_id: int | None = None, out: Path | None = None, model_loader: Callable | None = None,
+                  device: str | torch.device | None = None) -> TrainedSAE | None:
+    """``train_sae`` by every process of a torchrun job: DistributedDataParallel over the ranks (nccl
+    on CUDA, gloo on the CPU), each reading its disjoint slice of a Parquet run's shards.
+
+    ``train_cfg.batch_size`` is the global batch: each of N ranks trains on batch_size / N per step,
+    for the same number of steps as one process would, and the gradients are averaged, so the run
+    matches a single process with that batch up to the order of the data. Rank 0 alone opens the
+    workspace: it registers the SAE, logs, checkpoints (into the SAE's folder, which every rank
+    reads on resume: on several machines it must be on shared storage), saves and evaluates
+    (``model_loader(ws, run_id)``, when given, loads the model for downstream metrics). Returns
+    the result on rank 0 and None elsewhere."""
+    from workbench import distributed
+
+    device = run_device(device)
+    rank, size = distributed.init("nccl" if device.type == "cuda" else "gloo")
+    if train_cfg.batch_size % size:
+        raise TrainingError(f"--batch-size {train_cfg.batch_size} must divide among the {size} processes; use a multiple of {size}")
+    ws = Workspace(db, create=False) if rank == 0 else None
+    try:
+        def decide() -> TrainPlan:
+            plan = prepare_training(ws, hook, sae_fields, train_cfg, name=name, run_id=run_id, out=out, device=device)
+            if plan.shard is None:
+                raise TrainingError(f"run {plan.run_id} keeps '{hook}' in the DuckDB file, which one process reads; "
+                                    "several processes train from Parquet shards: cache it again with --store parquet")
+            return plan
+
+        plan = distributed.decided_by_rank0(decide)
+        local = rank_config(train_cfg, size)
+        batches = iter_shards(plan.shard, local.batch_size, seed=train_cfg.seed, split="train", epochs=plan.epochs, device=device,
+                              rank=rank, world=size)
+        if rank != 0:
+            _train(plan, local, batches, device, None)
+            return None
+        with ws.job("saes", plan.sae_id):
+            result = _train(plan, local, batches, device, _logger(ws, plan.sae_id))
+            model = model_loader(ws, plan.run_id) if model_loader is not None else None
+            return _save_and_evaluate(ws, plan, result, model, device)
+    finally:
+        if ws is not None:
+            ws.close()
+
+
+def rank_config(train_cfg: saes.TrainConfig, world: int) -> saes.TrainConfig:
+    """One rank's share of a global training configuration: batch_size / world per step, as many
+    steps as the global one, and the dead-latent window in global tokens (the trainer counts
+    tokens summed over ranks)."""
+    if world == 1:
+        return train_cfg
+    local_batch = train_cfg.batch_size // world
+    return dataclasses.replace(train_cfg, batch_size=local_batch, total_tokens=train_cfg.total_steps * local_batch,
+                               dead_tokens=train_cfg.dead_tokens_effective)
+
+
+def _logger(ws: Workspace, sae_id: int) -> Callable[[dict], None]:
     def log(line: dict) -> None:
         ws.con.execute(
             "INSERT OR REPLACE INTO training_log VALUES (?, ?, ?, ?::JSON)",
             [sae_id, int(line.get("step", 0)), int(line.get("tokens", 0)), json.dumps(line, default=float)],
         )
 
-    with ws.job("saes", sae_id):  # a failure is recorded on the row; the same command resumes
-        try:
-            result = saes.train(sae_cfg, train_cfg, batches, on_log=log, checkpoint_dir=path, resume=resuming, device=device)
-        finally:
-            batches.close()  # stops the loader's reader thread (and frees its buffers) before the evaluation reads
-        saes.save_sae(result.sae, path, metadata=sae_lens_metadata(ws, run_id, hook))  # safetensors on the CPU
-        metrics = evaluate(ws, result.sae, hook, run_id=run_id, model=model, device=device)
-        metrics["train_tokens"] = result.tokens
-        metrics["dead_tokens_window"] = result.dead_tokens
-        _finish(ws, sae_id, metrics)
-    return TrainedSAE(sae_id, name, path, metrics, result.resumed_from_step)
+    return log
+
+
+def _train(plan: TrainPlan, train_cfg: saes.TrainConfig, batches, device, log) -> saes.TrainResult:
+    try:
+        return saes.train(plan.sae_cfg, train_cfg, batches, on_log=log, checkpoint_dir=plan.path, resume=plan.resuming, device=device)
+    finally:
+        batches.close()  # stops the loader's reader thread (and frees its buffers) before the evaluation reads
+
+
+def _save_and_evaluate(ws: Workspace, plan: TrainPlan, result: saes.TrainResult, model, device) -> TrainedSAE:
+    saes.save_sae(result.sae, plan.path, metadata=sae_lens_metadata(ws, plan.run_id, plan.hook))  # safetensors on the CPU
+    metrics = evaluate(ws, result.sae, plan.hook, run_id=plan.run_id, model=model, device=device)
+    metrics["train_tokens"] = result.tokens
+    metrics["dead_tokens_window"] = result.dead_tokens
+    _finish(ws, plan.sae_id, metrics)
+    return TrainedSAE(plan.sae_id, plan.name, plan.path, metrics, result.resumed_from_step)
 
 
 def sae_lens_metadata(ws: Workspace, run_id: int, hook: str) -> dict:

@@ -225,7 +225,9 @@ class Workspace:
         return self.query(
             """
             SELECT h.run_id, r.model, h.hook, h.d,
-                   (SELECT count(*) FROM activations a WHERE a.run_id = h.run_id AND a.hook = h.hook)
+                   CASE WHEN r.store = 'parquet'
+                        THEN (SELECT coalesce(sum(s.n_contexts), 0) FROM shards s WHERE s.run_id = h.run_id AND s.hook = h.hook)
+                        ELSE (SELECT count(*) FROM activations a WHERE a.run_id = h.run_id AND a.hook = h.hook) END
             FROM run_hooks h JOIN runs r USING (run_id)
             ORDER BY h.run_id, h.hook
             """
@@ -259,7 +261,12 @@ class SAERecord:
 
 
 def resolve_sae(ws: Workspace, ref: str | int) -> SAERecord:
-    """An SAE of the workspace by name or id; the error lists the available ones."""
+    """An SAE of the workspace by name or id (or the ``saelens:RELEASE/SAE_ID`` it was registered from);
+    the error lists the available ones."""
+    if isinstance(ref, str) and ref.startswith("saelens:"):
+        from workbench.pretrained import resolve_registered
+
+        return resolve_registered(ws, ref)
     rows = ws.query(
         "SELECT sae_id, name, run_id, hook, arch, width, d_in, path FROM saes "
         "WHERE status = 'done' AND (name = ? OR CAST(sae_id AS VARCHAR) = ?)",

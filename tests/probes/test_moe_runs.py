@@ -231,7 +231,7 @@ def test_a_schema_v5_run_is_migrated_and_still_shown(moe_db, moefied_run, main, 
     con.execute("UPDATE schema_version SET version = 5")
     con.close()
     with Workspace(db) as ws:  # a writer migrates
-        assert ws.schema_version() == 7
+        assert ws.schema_version() == 8
         rows = moe_records.selectivity(ws, moefied_run[0])
         assert rows and {(r["grouping"], r["budget"]) for r in rows} == {("domain", "skew")}
         assert moe_records.purge(ws, moefied_run[0]) == []

@@ -132,6 +132,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except Exception as err:
+        from workbench.distributed import PeerFailed
+
+        if isinstance(err, PeerFailed):  # rank 0 of this torchrun job prints the line
+            return err.status
         outcome = report(err)
         if outcome.bug and os.environ.get("WORKBENCH_DEBUG"):
             raise

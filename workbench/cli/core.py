@@ -32,6 +32,8 @@ def cmd_cache(args: argparse.Namespace) -> None:
     from workbench.caching import CacheRequest, cache
 
     summary = cache(args.db, config_from(args, CacheRequest), device=args.device, model_dtype=args.model_dtype)
+    if summary is None:  # a rank other than 0 under torchrun: rank 0 reports
+        return
     print(
         f"run {summary.run_id}: {summary.n_contexts} contexts, {summary.n_tokens:,} tokens at "
         f"{', '.join(summary.hooks)} ({summary.bytes_per_token:.0f} bytes per token and hook); "
@@ -52,8 +54,11 @@ def workspace_summary(ws) -> str:
         lines.append(f"  run {run['run']} [{run['kind']}, {run['status']}] model={run['model']} corpus={run['corpus']} "
                      f"ctx={run['ctx_len']} contexts={run['contexts']} tokens={run['tokens']:,}"
                      + (f" error: {run['error']}" if run["error"] else ""))
+    stores = {run_id: (store, url) for run_id, store, url in ws.query("SELECT run_id, store, store_url FROM runs")}
     for run_id, _, hook, d, stored in ws.cached_hooks():
-        lines.append(f"    {hook}: d={d}, {stored} contexts stored")
+        store, url = stores.get(run_id, ("duckdb", None))
+        where = f" in Parquet shards at {url}" if store == "parquet" else ""
+        lines.append(f"    {hook}: d={d}, {stored} contexts stored{where}")
     from workbench.training import trained_saes
 
     for sae in trained_saes(ws):
@@ -78,11 +83,25 @@ def workspace_summary(ws) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from workbench.export import export_parquet
     from workbench.workspace import Workspace
 
+    if args.features is not None or args.sae is not None or args.format is not None:
+        from workbench.feature_export import export_features, parse_feature_range
+
+        if args.sae is None:
+            raise CliError("--features and --format export an SAE's feature data: name it with --sae")
+        if args.hook or args.layout is not None:
+            raise CliError("--hook and --layout apply to activation exports; a feature export takes --sae, --features and --format")
+        with Workspace(args.db, read_only=True) as ws:
+            summary = export_features(ws, args.sae, args.out, fmt=args.format or "neuronpedia",
+                                      features=parse_feature_range(args.features), batch_size=args.batch_size)
+        print(f"exported {summary.n_features} features of SAE '{summary.sae}' in {summary.n_batches} batch files "
+              f"({summary.format}) to {summary.out}")
+        return
+    from workbench.export import export_activations
+
     with Workspace(args.db, read_only=True) as ws:
-        out = export_parquet(ws, args.out, hooks=args.hook)
+        out = export_activations(ws, args.out, hooks=args.hook, layout=args.layout or "parquet")
     print(f"exported to {out}")
 
 
@@ -106,12 +125,22 @@ def _print_metrics(trained) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     import saes
-    from workbench.training import train_sae
+    from workbench.distributed import world
+    from workbench.training import train_sae, train_sae_ddp
     from workbench.workspace import Workspace
 
     sae_cfg = config_from(args, saes.SAEConfig, d_in=1)  # validates the dictionary's fields before the workspace opens
     sae_fields = {k: v for k, v in sae_cfg.to_dict().items() if k != "d_in"}  # d_in comes from the cache
     train_cfg = config_from(args, saes.TrainConfig)
+    if world()[1] > 1:  # torchrun: every rank trains, rank 0 records
+        def load(ws, run_id):
+            return None if args.no_downstream else model_for_run(ws, args.hook, run_id, args)
+
+        trained = train_sae_ddp(args.db, args.hook, sae_fields, train_cfg, name=args.name, run_id=args.run, out=args.out,
+                                model_loader=load, device=args.device)
+        if trained is not None:
+            _print_metrics(trained)
+        return
     with Workspace(args.db, create=False) as ws:
         ws.resolve_hook_run(args.hook, args.run)
         model = None if args.no_downstream else model_for_run(ws, args.hook, args.run, args)
@@ -121,13 +150,21 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    from workbench.pretrained import is_spec, prepare_pretrained
     from workbench.training import register_saved
     from workbench.workspace import Workspace
 
+    folder, hook, name = Path(args.sae), args.hook, args.name
+    if hook is None and not is_spec(args.sae):
+        raise CliError("--hook is required unless --sae names a pretrained SAE (saelens:RELEASE/SAE_ID)")
     with Workspace(args.db, create=False) as ws:
-        ws.resolve_hook_run(args.hook, args.run)
-        model = None if args.no_downstream else model_for_run(ws, args.hook, args.run, args)
-        trained = register_saved(ws, args.sae, args.hook, name=args.name, run_id=args.run, model=model, device=args.device)
+        if is_spec(args.sae):  # checked against the registry and the workspace, then downloaded and converted once
+            got = prepare_pretrained(ws, args.sae, hook=hook, run_id=args.run, name=name,
+                                     allow_model_mismatch=args.allow_model_mismatch)
+            folder, hook, name = got.folder, got.hook, got.name
+        ws.resolve_hook_run(hook, args.run)
+        model = None if args.no_downstream else model_for_run(ws, hook, args.run, args)
+        trained = register_saved(ws, folder, hook, name=name, run_id=args.run, model=model, device=args.device)
     _print_metrics(trained)
 
 
@@ -247,12 +284,12 @@ def configure_hooks(p: argparse.ArgumentParser) -> None:
 
 
 def configure_cache(p: argparse.ArgumentParser) -> None:
-    from workbench.caching import STORAGE_DTYPES, CacheRequest
+    from workbench.caching import STORAGE_DTYPES, STORES, CacheRequest
 
     p.set_defaults(handler=cmd_cache)
     add_db(p, help="workspace file (created if missing; a rerun of the same request resumes it)")
     add_fields(p, CacheRequest, rename={"hooks": "--hook", "ctx_len": "--ctx", "batch_size": "--batch"},
-               choices={"dtype": list(STORAGE_DTYPES)})
+               choices={"dtype": list(STORAGE_DTYPES), "store": list(STORES)})
     add_device(p)
 
 
@@ -266,6 +303,14 @@ def configure_export(p: argparse.ArgumentParser) -> None:
     add_db(p)
     p.add_argument("--out", type=Path, required=True, help="output folder (created; existing files of the same name are replaced)")
     p.add_argument("--hook", action="append", default=None, help="only this cached hook; repeat for several (default: all)")
+    p.add_argument("--layout", default=None,
+                   help="parquet (default: partitioned Parquet with a dataset card) or saelens (sae-lens cached-activation datasets)")
+    p.add_argument("--sae", default=None, help="export this analysed SAE's feature data instead of activations (name or id)")
+    p.add_argument("--features", nargs="?", const="all", default=None,
+                   help="which features: all (default), N, A-B (inclusive) or a comma list of those")
+    p.add_argument("--format", default=None,
+                   help="feature data layout: neuronpedia (SAEDashboard's batch-N.json, default) or saedashboard (the same files)")
+    p.add_argument("--batch-size", type=integer, default=128, help="features per batch file of a feature export")
 
 
 def configure_train(p: argparse.ArgumentParser) -> None:
@@ -287,10 +332,13 @@ def configure_train(p: argparse.ArgumentParser) -> None:
 def configure_eval(p: argparse.ArgumentParser) -> None:
     p.set_defaults(handler=cmd_eval)
     add_db(p)
-    p.add_argument("--sae", type=Path, required=True, help="folder with cfg.json + safetensors weights (SAELens layout)")
-    p.add_argument("--hook", required=True, help="the cached hook to evaluate it on")
+    p.add_argument("--sae", required=True, help="folder with cfg.json + safetensors weights (SAELens layout), or a "
+                   "sae-lens pretrained SAE as saelens:RELEASE/SAE_ID (RELEASE ends at the first '/')")
+    p.add_argument("--hook", default=None, help="the cached hook to evaluate it on (default for saelens: the SAE's own hook)")
     p.add_argument("--run", type=integer, default=None, help="cache run id, when several runs cached the hook")
-    p.add_argument("--name", default=None, help="name in the workspace (default: HOOK.FOLDER)")
+    p.add_argument("--name", default=None, help="name in the workspace (default: HOOK.FOLDER; for saelens: RELEASE.SAE_ID)")
+    p.add_argument("--allow-model-mismatch", action="store_true",
+                   help="register a saelens SAE although its model's name differs from the run's (the same model renamed)")
     p.add_argument("--no-downstream", action="store_true", help="skip CE loss recovered and KL (no model load)")
     add_device(p)
 

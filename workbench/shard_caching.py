@@ -1,0 +1,263 @@
+"""Caching into Parquet shards, by one process or by N under ``torchrun -m workbench cache``.
+
+    rank 0                                           every rank (rank 0 too)
+    --------------------------------------------     ---------------------------------------------
+    open the workspace, check the request and the    load the model on its own device
+      store; find or create the run; list which      tokenise the seeded stream (the same on all)
+      chunks are published and valid (registered    take chunks todo[rank::world]; forward their
+      files of the recorded size, or new files         batches; a writer thread writes each chunk's
+      whose footer says they are that chunk)           shard per hook and publishes it (tmp + move)
+    share the plan  ------------------------------>  barrier
+    record every newly published chunk: the manifest row per hook, and the chunk's contexts,
+      tokens and documents (read back from its token columns); the run is done when all are
+
+A chunk is work that a rank either publishes whole or not at all, so a killed job (any rank, any
+moment) loses at most the chunks in flight; the same command, with any number of processes,
+redoes just those. Only rank 0 opens DuckDB (one writing process per file); the shards are the
+only thing several processes write, each to its own files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from workbench import distributed
+from workbench.cache_writer import CacheError, CacheWriter
+from workbench.caching import ActivationCacher, CacheRequest, CacheSummary, _batches, validate_request
+from workbench.hooks import Capture, attached
+from workbench.shards import TMP_PREFIX, ShardLayout, ShardSink, Store, chunk_of_name, open_store, valid_shard
+from workbench.storage import insert_arrow
+from workbench.workspace import Workspace, ensure_writable, fetch_one
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """What rank 0 decided, sent to every rank."""
+
+    layout: ShardLayout
+    dims: dict[str, int]  # hook -> d
+    todo: tuple[int, ...]  # chunks to write, in stream order
+    done_contexts: int  # contexts in chunks already published
+
+
+def default_store(db: str | Path) -> str:
+    """Where a workspace's shards go when --shards is not given: DB.shards/ beside the database file."""
+    return str(Path(db).expanduser().resolve().with_suffix(".shards"))
+
+
+def cache_sharded(db: str | Path, request: CacheRequest, *, device: str | None = None, model_dtype: str | None = None,
+                  progress: bool = True) -> CacheSummary | None:
+    """Run ``request`` into Parquet shards (see the module docstring); returns the summary on rank
+    0, None on the others."""
+    from workbench.data import load_corpus
+    from workbench.models import load_model
+
+    if request.store != "parquet":
+        raise CacheError("several processes (torchrun) write Parquet shards, not the DuckDB file, which allows one writer: "
+                         "add --store parquet")
+    rank, size = distributed.init()
+    try:
+        if rank == 0:
+            ensure_writable(db)  # before the model loads
+        loaded = load_model(request.model, device=device, dtype=model_dtype)
+        validate_request(loaded, request)
+        corpus = load_corpus(request.corpus)
+        ok: object = True
+    except Exception as err:  # noqa: BLE001 - rank 0's error reaches every rank through share
+        if rank != 0:
+            raise
+        ok = err
+    distributed.share(ok if rank == 0 else None)
+
+    ws = Workspace(db) if rank == 0 else None
+    with contextlib.ExitStack() as stack:
+        if ws is not None:
+            stack.callback(ws.close)
+        plan = distributed.decided_by_rank0(lambda: _plan(ws, loaded, corpus, request))
+        if ws is not None:
+            stack.enter_context(ws.job("runs", plan.layout.run_id))  # a failure is recorded on the run; the same command resumes
+        cacher = ActivationCacher(ws, loaded, corpus, request) if rank == 0 else _Forward(loaded, corpus, request)
+        store = open_store(plan.layout.url)
+        published = _cache_chunks(cacher, store, plan, plan.todo[rank::size], rank, progress and rank == 0)
+        everyone = distributed.gather(published)
+        if rank != 0:
+            return None
+        written = {chunk: (r, sizes) for r, chunks in enumerate(everyone) for chunk, sizes in chunks}
+        n_contexts = register(ws, store, plan, corpus, written)
+        return CacheSummary(run_id=plan.layout.run_id, hooks=request.hooks, n_contexts=n_contexts,
+                            n_tokens=n_contexts * request.ctx_len, resumed_from=plan.done_contexts,
+                            bytes_per_token=shard_bytes_per_token(ws, plan.layout.run_id))
+
+
+class _Forward(ActivationCacher):
+    """The forward pass of a rank other than 0: an ``ActivationCacher`` without a workspace."""
+
+    def __init__(self, loaded, corpus, request: CacheRequest):  # noqa: D107 - no workspace on this rank
+        validate_request(loaded, request)
+        self.ws, self.loaded, self.corpus, self.request = None, loaded, corpus, request
+        from workbench.hooks import stop_layer
+
+        self.stop_at = stop_layer(request.hooks, loaded.model.cfg.n_layers)
+
+
+def _plan(ws: Workspace, loaded, corpus, request: CacheRequest) -> ShardPlan:
+    """Rank 0: the run (created or found), the store checked, and the chunks left to write."""
+    cacher = ActivationCacher(ws, loaded, corpus, request)
+    url = request.shards
+    if url is None:  # the run's recorded store, else the default beside the workspace
+        identity = json.dumps(cacher._identity(), sort_keys=True)
+        row = fetch_one(ws.con, "SELECT store_url FROM runs WHERE kind = 'cache' AND config = ?::JSON", [identity])
+        url = row[0] if row and row[0] else default_store(ws.path)
+    store = open_store(url)  # unreachable: one line, before anything is written
+    with ws.transaction():
+        corpus_id = cacher._corpus_id()
+        run_id = cacher._find_or_create_run(corpus_id, store.url)
+        cacher._store_vocab()
+    target, chunk_contexts = fetch_one(ws.con, "SELECT n_contexts_target, chunk_contexts FROM runs WHERE run_id = ?", [run_id])
+    layout = ShardLayout(url=store.url, run_id=run_id, ctx_len=request.ctx_len, chunk_contexts=int(chunk_contexts),
+                         n_contexts=int(target), dtype=request.dtype)
+    dims = dict(ws.query("SELECT hook, d FROM run_hooks WHERE run_id = ? ORDER BY hook", [run_id]))
+    complete = _complete_chunks(ws, store, layout, dims)
+    todo = tuple(c for c in range(layout.n_chunks) if c not in complete)
+    done = sum(len(layout.chunk_range(c)) for c in complete)
+    return ShardPlan(layout, dims, todo, done)
+
+
+def _complete_chunks(ws: Workspace, store: Store, layout: ShardLayout, dims: dict[str, int]) -> set[int]:
+    """Chunks whose shard exists for every hook and holds the whole chunk: registered files of the
+    recorded size, or unregistered files whose footer says so. Registered files that went missing
+    or changed are dropped from the manifest (and said so); temporary files of killed jobs are removed."""
+    registered = {(h, c): (p, b, n) for h, c, p, b, n in ws.query(
+        "SELECT hook, chunk, path, bytes, n_contexts FROM shards WHERE run_id = ?", [layout.run_id])}
+    complete: set[int] | None = None
+    for hook, d in dims.items():
+        listing = store.listing(layout.folder(hook))
+        for name in listing:
+            if name.startswith(TMP_PREFIX):
+                store.delete(f"{layout.folder(hook)}/{name}")
+        good = set()
+        for chunk in range(layout.n_chunks):
+            name = layout.relative(hook, chunk).rsplit("/", 1)[1]
+            expected = len(layout.chunk_range(chunk))
+            if (hook, chunk) in registered:
+                path, size, n = registered[(hook, chunk)]
+                if listing.get(name) == size and n == expected:
+                    good.add(chunk)
+                    continue
+                if listing.get(name) != size:
+                    print(f"workbench: shard {store.url.rstrip('/')}/{path} is missing or changed; rewriting it", file=sys.stderr)
+                ws.con.execute("DELETE FROM shards WHERE run_id = ? AND hook = ? AND chunk = ?", [layout.run_id, hook, chunk])
+            elif name in listing and valid_shard(store, layout, hook, chunk, d):
+                good.add(chunk)
+        complete = good if complete is None else complete & good
+    return complete or set()
+
+
+def _cache_chunks(cacher: ActivationCacher, store: Store, plan: ShardPlan, mine: tuple[int, ...], rank: int,
+                  progress: bool) -> list[tuple[int, dict[str, int]]]:
+    """Forward and write this rank's chunks; returns (chunk, {hook: bytes}) of those it published."""
+    from workbench.data import chunk_and_tokenize
+
+    layout, req = plan.layout, cacher.request
+    wanted = set(mine)
+    contexts = chunk_and_tokenize(cacher.corpus.documents, cacher.loaded.tokenizer, req.ctx_len, seed=req.seed,
+                                  max_contexts=layout.n_contexts)
+    mine_contexts = (c for c in contexts if c.index // layout.chunk_contexts in wanted)
+    total = sum(len(layout.chunk_range(c)) for c in mine) * req.ctx_len
+    size = distributed.world()[1]
+    label = f"caching run {layout.run_id}" + (f" (rank 0 of {size})" if size > 1 else "")
+    bar = tqdm(total=total, unit="tok", unit_scale=True, desc=label, disable=not progress, dynamic_ncols=True)
+    sink = ShardSink(store, layout, plan.dims, tag=f"r{rank}-p{os.getpid()}")
+    capture = Capture(req.hooks)
+    shown = 0
+    with bar, attached(cacher.loaded.model, capture.hooks()):
+        with CacheWriter(sink) as writer:
+            for chunk_contexts in _by_chunk(mine_contexts, layout.chunk_contexts):
+                chunk = chunk_contexts[0].index // layout.chunk_contexts
+                batches = list(_batches(chunk_contexts, req.batch_size))
+                for i, batch in enumerate(batches):
+                    writer.put(cacher.forward(capture, batch, chunk=chunk, closes_chunk=i == len(batches) - 1))
+                    if writer.committed > shown:
+                        bar.update((writer.committed - shown) * req.ctx_len)
+                        shown = writer.committed
+        bar.update((writer.committed - shown) * req.ctx_len)
+    return sink.published
+
+
+def _by_chunk(contexts, chunk_contexts: int):
+    """Consecutive contexts grouped by chunk (lists, in stream order)."""
+    group: list = []
+    for context in contexts:
+        if group and context.index // chunk_contexts != group[0].index // chunk_contexts:
+            yield group
+            group = []
+        group.append(context)
+    if group:
+        yield group
+
+
+def register(ws: Workspace, store: Store, plan: ShardPlan, corpus, written: dict[int, tuple[int, dict[str, int]]]) -> int:
+    """Rank 0: record every published, unregistered chunk (manifest rows, contexts, tokens,
+    documents), one transaction per chunk; the run is done once every chunk is. Returns the
+    contexts the run holds."""
+    layout = plan.layout
+    registered = {c for (c,) in ws.query("SELECT DISTINCT chunk FROM shards WHERE run_id = ?", [layout.run_id])}
+    complete = _complete_chunks(ws, store, layout, plan.dims)
+    stored_docs = {d for (d,) in ws.query("SELECT doc_id FROM documents WHERE corpus_id = "
+                                          "(SELECT corpus_id FROM runs WHERE run_id = ?)", [layout.run_id])}
+    corpus_id = fetch_one(ws.con, "SELECT corpus_id FROM runs WHERE run_id = ?", [layout.run_id])[0]
+    for chunk in sorted(complete - registered):
+        rank, sizes = written.get(chunk, (-1, {}))
+        first_hook = sorted(plan.dims)[0]
+        rows = _token_rows(store, layout.relative(first_hook, chunk))
+        with ws.transaction() as con:
+            ids = rows.column("context_id").to_numpy()[:: layout.ctx_len]  # [n] one per context
+            existing = con.execute("SELECT count(*) FROM contexts WHERE context_id IN (SELECT unnest(?::BIGINT[]))",
+                                   [ids.tolist()]).fetchall()[0][0]
+            if existing:  # a chunk that grew when the run was extended: its old rows go first
+                con.execute("DELETE FROM tokens WHERE context_id IN (SELECT unnest(?::BIGINT[]))", [ids.tolist()])
+                con.execute("DELETE FROM contexts WHERE context_id IN (SELECT unnest(?::BIGINT[]))", [ids.tolist()])
+            insert_arrow(con, "contexts", pa.table({"context_id": ids, "run_id": np.full(len(ids), layout.run_id, np.int32),
+                                                    "corpus_context": (ids & 0xFFFFFFFF).astype(np.int32)}))
+            insert_arrow(con, "tokens", rows.select(["context_id", "position", "token_id", "doc_id"]))
+            new_docs = sorted(set(np.unique(rows.column("doc_id").to_numpy()).tolist()) - stored_docs - {-1})
+            insert_arrow(con, "documents", pa.table({
+                "corpus_id": np.full(len(new_docs), corpus_id, np.int32), "doc_id": np.array(new_docs, np.int32),
+                "domain": [corpus.documents[d].domain for d in new_docs], "source": [corpus.documents[d].source for d in new_docs],
+                "text": [corpus.documents[d].text for d in new_docs]}))
+            stored_docs.update(new_docs)
+            for hook in sorted(plan.dims):
+                relative = layout.relative(hook, chunk)
+                size = sizes.get(hook) or int(store.fs.get_file_info(store.path(relative)).size)
+                con.execute("INSERT OR REPLACE INTO shards VALUES (?, ?, ?, ?, ?, ?, ?)",
+                            [layout.run_id, hook, chunk, relative, len(layout.chunk_range(chunk)), size, rank])
+    held = int(fetch_one(ws.con, "SELECT count(*) FROM contexts WHERE run_id = ?", [layout.run_id])[0])
+    if len(complete) == layout.n_chunks:
+        with ws.transaction() as con:
+            con.execute("UPDATE runs SET status = 'done', finished_at = current_timestamp WHERE run_id = ?", [layout.run_id])
+    return held
+
+
+def _token_rows(store: Store, relative: str) -> pa.Table:
+    with store.fs.open_input_file(store.path(relative)) as f:
+        return pq.read_table(f, columns=["context_id", "position", "token_id", "doc_id"])
+
+
+def shard_bytes_per_token(ws: Workspace, run_id: int) -> float:
+    """Shard bytes per cached token and hook (the activation column and the token columns beside it)."""
+    total, hooks = fetch_one(ws.con, "SELECT sum(bytes), count(DISTINCT hook) FROM shards WHERE run_id = ?", [run_id])
+    n_tokens = fetch_one(ws.con, "SELECT count(*) FROM tokens JOIN contexts USING (context_id) WHERE run_id = ?", [run_id])[0]
+    return float(total) / n_tokens / hooks if total and n_tokens else 0.0
+
+
+__all__ = ["ShardPlan", "cache_sharded", "chunk_of_name", "default_store", "register"]
