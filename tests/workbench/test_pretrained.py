@@ -137,6 +137,15 @@ def test_a_pretrained_sae_registers_evaluates_and_is_found_by_its_spec(ws, hub, 
     # commands taking a workspace SAE accept the spec it came from
     assert main(["analyze", "--db", str(ws), "--sae", SPEC, "--no-logits"]) == 0, capsys.readouterr().err
     assert "sae 1:" in capsys.readouterr().out
+    from workbench.steering import SteeringError
+    from workbench.steering.sources import load_steering_sae
+    from workbench.workspace import Workspace
+
+    with Workspace(ws, read_only=True) as opened:  # steering takes it too, with the hook it was registered on
+        ref = load_steering_sae(SPEC, opened)
+        assert (ref.label, ref.hook) == (name, HOOK) and torch.equal(ref.sae.W_dec, ours.W_dec)
+    with pytest.raises(SteeringError, match="register it with `workbench eval"):
+        load_steering_sae(SPEC)
 
     # a second registration (another name) reuses the converted folder: no download at all
     hub["calls"].clear()

@@ -30,11 +30,19 @@ _ORIGIN: "weakref.WeakKeyDictionary[torch.nn.Module, Path]" = weakref.WeakKeyDic
 
 
 def load_steering_sae(source: str, ws=None) -> SAERef:
-    """A workspace SAE by name (or id), else an SAE folder; loaded once per folder version."""
+    """A workspace SAE by name (or id), a registered ``saelens:`` spec, else an SAE folder; loaded
+    once per folder version."""
     import saes
+    from workbench.pretrained import is_spec, resolve_registered
 
     path, hook, label = None, None, str(source)
-    if ws is not None:
+    if is_spec(source):  # saelens:RELEASE/SAE_ID: the SAE registered from it (eval registers)
+        if ws is None:
+            raise SteeringError(f"'{source}' names a pretrained SAE: register it with `workbench eval --db DB --sae {source}`, "
+                                "then pass --db DB")
+        record = resolve_registered(ws, source)
+        label, hook, path = record.name, record.hook, record.path
+    elif ws is not None:
         rows = ws.query(
             "SELECT name, hook, path FROM saes WHERE status = 'done' AND (name = ? OR CAST(sae_id AS VARCHAR) = ?)",
             [str(source), str(source)],
