@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from workbench.cache_writer import CONTEXT_ID_SHIFT, CacheError, CacheWriter, DuckDBSink, HostBatch, to_host
 from workbench.data import Corpus, chunk_and_tokenize, token_strings
-from workbench.hooks import Capture, attached, stop_layer, validate_hooks
+from workbench.hooks import Capture, attached, end_after, stop_layer, validate_hooks
 from workbench.models import LoadedModel, max_context
 from workbench.storage import STORAGE_DTYPES, bulk_blob_settings, insert_arrow
 from workbench.workspace import Workspace, ensure_writable, fetch_one
@@ -152,6 +152,7 @@ class ActivationCacher:
         self.corpus = corpus
         self.request = request
         self.stop_at = stop_layer(request.hooks, loaded.model.cfg.n_layers)
+        self.end_hooks = end_after(loaded.model, request.hooks)  # a last-block hook: end there, skip the unembedding
         self.transactions = 0  # transactions the last run() committed
         self.tail_s = 0.0  # seconds of the last run() after its last batch was handed to the writer (last commit, checkpoint)
 
@@ -219,7 +220,7 @@ class ActivationCacher:
     def _hook_dims(self) -> dict[str, int]:
         capture = Capture(self.request.hooks)
         probe = torch.zeros(1, 2, dtype=torch.long, device=self.loaded.model.cfg.device)
-        with torch.inference_mode(), attached(self.loaded.model, capture.hooks()):
+        with torch.inference_mode(), attached(self.loaded.model, capture.hooks() + self.end_hooks):
             self.loaded.model(probe, stop_at_layer=self.stop_at)
         for hook, value in capture.latest.items():
             if value.dim() != 3:
@@ -265,7 +266,8 @@ class ActivationCacher:
         capture = Capture(req.hooks)
         written, shown = done, done  # contexts forwarded / shown as committed
         # The writer thread owns the database from here until it has finished (see workbench.cache_writer).
-        with self.ws.job("runs", run_id), bar, attached(self.loaded.model, capture.hooks()), bulk_blob_settings(self.ws.con):
+        with self.ws.job("runs", run_id), bar, attached(self.loaded.model, capture.hooks() + self.end_hooks), \
+                bulk_blob_settings(self.ws.con):
             writer = CacheWriter(DuckDBSink(self.ws.con, run_id=run_id, corpus_id=corpus_id, corpus=self.corpus, dtype=req.dtype,
                                             ctx_len=req.ctx_len, commit_contexts=req.commit_contexts, stored_docs=stored_docs,
                                             insert=insert_arrow))

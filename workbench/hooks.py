@@ -57,6 +57,26 @@ def stop_layer(hooks: Sequence[str], n_layers: int) -> int | None:
     return deepest if deepest < n_layers else None
 
 
+def end_after(model, hooks: Sequence[str]) -> list[tuple[str, HookFn]]:
+    """Hooks that end a forward once ``hooks`` have run, for hooks in the model's last block, where
+    ``stop_layer`` gives None: a hook on that block's ``hook_resid_post`` (its output, after every
+    other hook in it; attach it after the hooks it must follow) raises the bridge's own
+    stop-at-layer exception, so the final norm and the unembedding — the costliest matmul of a
+    small model with a large vocabulary — never run. Empty when a hook is outside the blocks."""
+    layers = [layer_of(h) for h in hooks]
+    if not layers or any(layer is None for layer in layers) or max(layers) + 1 != model.cfg.n_layers:
+        return []
+    name = f"blocks.{max(layers)}.hook_resid_post"
+    if name not in model.hook_dict:
+        return []
+    from transformer_lens.model_bridge.exceptions import StopAtLayerException
+
+    def stop(activation: torch.Tensor, hook) -> None:
+        raise StopAtLayerException(activation)
+
+    return [(name, stop)]
+
+
 class Capture:
     """Forward hooks that record the activation at each of ``names``: ``latest[name]`` holds the
     last one (detached, where it was computed); with ``keep_all`` every one is also kept as

@@ -105,9 +105,10 @@ class _Forward(ActivationCacher):
     def __init__(self, loaded, corpus, request: CacheRequest):  # noqa: D107 - no workspace on this rank
         validate_request(loaded, request)
         self.ws, self.loaded, self.corpus, self.request = None, loaded, corpus, request
-        from workbench.hooks import stop_layer
+        from workbench.hooks import end_after, stop_layer
 
         self.stop_at = stop_layer(request.hooks, loaded.model.cfg.n_layers)
+        self.end_hooks = end_after(loaded.model, request.hooks)
 
 
 def _plan(ws: Workspace, loaded, corpus, request: CacheRequest) -> ShardPlan:
@@ -180,7 +181,7 @@ def _cache_chunks(cacher: ActivationCacher, store: Store, plan: ShardPlan, mine:
     sink = ShardSink(store, layout, plan.dims, tag=f"r{rank}-p{os.getpid()}")
     capture = Capture(req.hooks)
     shown = 0
-    with bar, attached(cacher.loaded.model, capture.hooks()):
+    with bar, attached(cacher.loaded.model, capture.hooks() + cacher.end_hooks):
         with CacheWriter(sink) as writer:
             for chunk_contexts in _by_chunk(mine_contexts, layout.chunk_contexts):
                 chunk = chunk_contexts[0].index // layout.chunk_contexts

@@ -167,7 +167,9 @@ def chunk_of_name(name: str) -> int | None:
 
 def _schema(layout: ShardLayout, hook: str, d: int, chunk: int) -> pa.Schema:
     value = pa.float16() if layout.dtype == "float16" else pa.uint16()
-    activation = pa.field("activation", pa.list_(value, d), nullable=False, metadata={"dtype": layout.dtype})
+    # Required elements and v2 data pages: list levels are what a reader decodes; these halve them (measured, docs/scaling.md).
+    activation = pa.field("activation", pa.list_(pa.field("element", value, nullable=False), d), nullable=False,
+                          metadata={"dtype": layout.dtype})
     meta = {"run_id": layout.run_id, "hook": hook, "chunk": chunk, "ctx_len": layout.ctx_len, "d": d, "dtype": layout.dtype,
             "first_context": layout.chunk_range(chunk).start, "n_contexts": len(layout.chunk_range(chunk))}
     return pa.schema([("context_id", pa.int64()), ("position", pa.int16()), ("token_id", pa.int32()), ("doc_id", pa.int32()),
@@ -229,7 +231,7 @@ class ShardSink:
                 self.store.fs.create_dir(self.store.path(self.layout.folder(hook)), recursive=True)
             stream = self.store.fs.open_output_stream(self.store.path(self._tmp(hook)))
             writer = pq.ParquetWriter(stream, _schema(self.layout, hook, d, chunk), compression="none", use_dictionary=False,
-                                      write_statistics=["context_id"])
+                                      write_statistics=["context_id"], data_page_version="2.0")
             self._writers[hook], self._pending[hook] = (writer, stream), []
 
     def write(self, batch: HostBatch) -> bool:
@@ -244,11 +246,11 @@ class ShardSink:
                    pa.array(np.array([c.doc_ids for c in batch.contexts], dtype=np.int32).reshape(-1))]
         for hook, value in batch.acts.items():
             bits = storage_bits(value, self.layout.dtype, hook).reshape(-1)  # [B * L * d] int16
-            d = self.dims[hook]
             kind = pa.float16() if self.layout.dtype == "float16" else pa.uint16()
             flat = pa.Array.from_buffers(kind, bits.size, [None, pa.py_buffer(bits)])
-            table = pa.Table.from_arrays([*columns, pa.FixedSizeListArray.from_arrays(flat, d)],
-                                         schema=self._writers[hook][0].schema)
+            schema = self._writers[hook][0].schema
+            table = pa.Table.from_arrays([*columns, pa.FixedSizeListArray.from_arrays(flat, type=schema.field("activation").type)],
+                                         schema=schema)
             self._pending[hook].append(table)
             self._flush(hook, final=False)
         self._contexts += n

@@ -85,3 +85,29 @@ def test_default_model_loads_warm_and_predicts(smollm2):
     with torch.inference_mode():
         top = model(ids)[0, -1].topk(5).indices
     assert " Paris" in [tokenizer.decode(int(t)) for t in top]
+
+
+def test_a_forward_needing_only_the_last_block_ends_there(tiny):
+    """``end_after``: hooks in the last block end the forward at its output, so the final norm and
+    the unembedding never run, and the captured activations are those of the full forward."""
+    from workbench.hooks import Capture, attached, end_after
+
+    hooks = ["blocks.1.hook_resid_post", "blocks.1.mlp.hook_post"]
+    tokens = torch.randint(0, 1000, (2, 9))
+    calls = []
+    later = [("ln_final.hook_in", lambda x, hook: calls.append(1)), ("unembed.hook_out", lambda x, hook: calls.append(2))]
+    full, short = Capture(hooks), Capture(hooks)
+    with torch.inference_mode():
+        with attached(tiny.model, full.hooks() + later):
+            tiny.model(tokens)
+        assert calls == [1, 2]
+        calls.clear()
+        ends = end_after(tiny.model, hooks)
+        assert [name for name, _ in ends] == ["blocks.1.hook_resid_post"]
+        with attached(tiny.model, short.hooks() + ends + later):
+            tiny.model(tokens)
+    assert calls == []  # nothing after the last block ran
+    for hook in hooks:
+        assert torch.equal(short.latest[hook], full.latest[hook])  # the same computation up to there
+    assert end_after(tiny.model, ["blocks.0.hook_resid_post"]) == []  # stop_at_layer covers earlier blocks
+    assert end_after(tiny.model, ["ln_final.hook_normalized"]) == []
