@@ -8,6 +8,7 @@
     (e) caching tokens/s through a random 2-layer Llama at d 2304 vs its bare truncated forward
     (f) the steering hooks under set_sync_debug_mode("error")
     (g) the test suite's `gpu`-marked tests
+    (h) caching into Parquet shards on the device, and loader rows/s from the shards into it
     (0), first: every package the checks import is importable
 
 On a GPU machine without network (see the README, "Checking on a GPU"):
@@ -300,6 +301,31 @@ def steering(device: torch.device, s: Shapes, tmp: Path):
         else "ran (sync debug mode is CUDA only)"
 
 
+# -- (h) the Parquet store on this device --------------------------------------------------------
+def shard_store(device: torch.device, s: Shapes, out: dict, tmp: Path):
+    from bench_loader import random_llama
+
+    from workbench.activations import iter_activations
+    from workbench.caching import run_cache
+    from workbench.workspace import Workspace
+
+    lm = random_llama(tmp / "shard-lm", s.llama_d, 2)
+    db, started = tmp / "shards.duckdb", time.perf_counter()
+    run_cache(db=db, model=str(lm), hooks=[HOOK], corpus="stdlib", tokens=s.cache_tokens, ctx=s.ctx, batch=32, device=str(device),
+              progress=False, store="parquet", commit_contexts=256)
+    cached = s.cache_tokens / (time.perf_counter() - started)
+    with Workspace(db, read_only=True) as ws:
+        rows, started = 0, time.perf_counter()
+        for batch in iter_activations(ws, HOOK, s.batch, device=device):
+            rows += batch.shape[0]
+        sync(device)
+        rate = rows / (time.perf_counter() - started)
+    need = out.get("trainer_tokens_per_s")
+    figure = (f"cache into shards {cached / 1e3:,.1f} K tok/s (model load included), loader from shards {rate / 1e3:,.0f} K rows/s "
+              f"at d {s.llama_d} into {device}" + (f", {rate / need:.2f}x the trainer's {need / 1e3:,.0f} K tok/s" if need else ""))
+    return (rate >= need) if (need and device.type == "cuda") else None, figure
+
+
 # -- (g) the gpu-marked tests -----------------------------------------------------------------
 def gpu_tests(device: torch.device):
     if device.type != "cuda":
@@ -344,6 +370,8 @@ def main(argv=None) -> int:
             check.run("(e) caching", caching, device, s, tmp)
         if not only or "f" in only:
             check.run("(f) steering hooks", steering, device, s, tmp)
+        if not only or "h" in only:
+            check.run("(h) Parquet shards", shard_store, device, s, shared, tmp)
         if not only or "g" in only:
             check.run("(g) gpu-marked tests", gpu_tests, device)
     print(f"{check.failed} check(s) failed" if check.failed else "all checks passed or skipped", flush=True)

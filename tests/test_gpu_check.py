@@ -27,7 +27,7 @@ def test_every_check_runs_at_toy_shapes_on_the_cpu(gpu_check, capsys):
     assert status == 0, "\n".join(lines)
     assert not [line for line in checks if line.startswith("FAIL")]
     letters = {line.split("(")[1][0] for line in checks}
-    assert letters == set("0abcdefg")
+    assert letters == set("0abcdefgh")
     assert all(line.startswith("PASS") for line in checks if "(a)" in line)  # the CPU-vs-device comparison ran
 
 
