@@ -203,6 +203,9 @@ def train(
         meta, tens = loaded
         if meta.get("sae_cfg") != sae_cfg.to_dict():
             raise CheckpointError(f"checkpoint in {ckpt_root} was written for a different SAE config")
+        if int(meta.get("world_size", 1)) != world:  # each rank's data slice depends on the number of ranks
+            raise CheckpointError(f"checkpoint in {ckpt_root} was written by {meta.get('world_size', 1)} process(es); "
+                                  f"resume it with as many (this run has {world})")
         sae.load_state_dict({k[len("model."):]: v for k, v in tens.items() if k.startswith("model.")})  # copied onto dev
         ostate: dict[int, dict[str, torch.Tensor]] = {}
         for k, v in tens.items():
@@ -238,6 +241,12 @@ def train(
             raise SAEConfigError("batches iterator is empty")
         sae.init_from_data(torch.cat(pending)[: tc.b_dec_init_tokens])
         torch.manual_seed(tc.seed + 1)
+    if world > 1:  # every rank must resume from the same step (a rank that cannot see the checkpoint would start over)
+        steps = [torch.full((), start_step, dtype=torch.int64, device=dev) for _ in range(world)]
+        dist.all_gather(steps, torch.full((), start_step, dtype=torch.int64, device=dev))
+        if len({int(t) for t in steps}) != 1:
+            raise CheckpointError(f"ranks resume from different steps {[int(t) for t in steps]}: the checkpoint folder "
+                                  f"{ckpt_root} must be on storage every rank reads")
     tokens_dev = torch.full((), tokens_seen, dtype=torch.int64, device=dev) if world > 1 else None  # DDP: summed over ranks
 
     model: torch.nn.Module = sae

@@ -19,7 +19,7 @@ import pyarrow as pa
 import torch
 
 from workbench.loader import batches_per_rank, prefetched_batches, read_blocks, target_device
-from workbench.shards import ShardHook, ShardLayout, ShardReader, stream_index
+from workbench.shards import CONTEXT_ID_SHIFT, ShardHook, ShardLayout, ShardReader, run_key, stream_index
 from workbench.storage import STORAGE_DTYPES, blob_tensor, gather_blobs
 from workbench.workspace import Workspace, WorkspaceError, fetch_one
 
@@ -60,16 +60,25 @@ def context_ids(ws: Workspace, hook: str, *, run_id: int | None = None, split: S
     return [r[0] for r in rows]
 
 
+def shard_layout(ws: Workspace, run_id: int) -> ShardLayout | None:
+    """The geometry of a Parquet run (None for a DuckDB run): store, chunking, target and key."""
+    row = fetch_one(ws.con, """SELECT store, store_url, chunk_contexts, ctx_len, n_contexts_target, dtype, created_at, config::VARCHAR
+                               FROM runs WHERE run_id = ?""", [run_id])
+    if row is None or row[0] != "parquet":
+        return None
+    _, url, chunk, ctx_len, target, dtype, created, identity = row
+    return ShardLayout(url=url, run_id=run_id, ctx_len=int(ctx_len), chunk_contexts=int(chunk), n_contexts=int(target), dtype=dtype,
+                       key=run_key(run_id, created, identity))
+
+
 def shard_hook(ws: Workspace, hook: str, run_id: int) -> ShardHook | None:
     """What reading ``hook`` of a Parquet run needs (no workspace afterwards); None for a DuckDB run."""
-    store, url, chunk, ctx_len, target, dtype = fetch_one(
-        ws.con, "SELECT store, store_url, chunk_contexts, ctx_len, n_contexts_target, dtype FROM runs WHERE run_id = ?", [run_id])
-    if store != "parquet":
+    layout = shard_layout(ws, run_id)
+    if layout is None:
         return None
-    layout = ShardLayout(url=url, run_id=run_id, ctx_len=int(ctx_len), chunk_contexts=int(chunk), n_contexts=int(target), dtype=dtype)
     d = _run_layout(ws, run_id, hook)[1]
-    chunks = {int(c): (p, int(b)) for c, p, b in ws.query(
-        "SELECT chunk, path, bytes FROM shards WHERE run_id = ? AND hook = ? ORDER BY chunk", [run_id, hook])}
+    chunks = {int(c): (p, int(b), int(n)) for c, p, b, n in ws.query(
+        "SELECT chunk, path, bytes, n_contexts FROM shards WHERE run_id = ? AND hook = ? ORDER BY chunk", [run_id, hook])}
     return ShardHook(layout, hook, d, chunks)
 
 
@@ -144,6 +153,9 @@ def read_contexts(ws: Workspace, hook: str, ids: list[int], *, run_id: int | Non
     ctx_len, d, stored = _run_layout(ws, run_id, hook)
     shard = shard_hook(ws, hook, run_id)
     if shard is not None:
+        foreign = sorted({int(i) >> CONTEXT_ID_SHIFT for i in ids} - {run_id})
+        if foreign:
+            raise WorkspaceError(f"context ids of run {foreign[0]} asked of run {run_id}'s '{hook}' activations")
         acts = ShardReader(shard).read_contexts([stream_index(i) for i in ids]).view(STORAGE_DTYPES[stored])  # [n, L, d]
     else:
         acts = _read_block(ws.con, run_id, hook, list(ids), ctx_len, d, stored)  # [n, L, d] storage dtype
@@ -216,14 +228,12 @@ def iter_shards(shard: ShardHook, batch_size: int, *, seed: int = 0, split: Spli
     if split not in _SPLIT_SQL:
         raise WorkspaceError(f"split must be one of {', '.join(_SPLIT_SQL)}, got '{split}'")
     ctx_len = shard.layout.ctx_len
-    units, weights = [], []  # row groups with a selected context, and how many they have
-    for chunk, group in shard.groups():
-        n = sum(1 for i in shard.group_range(chunk, group) if _in_split(i, split))
-        if n:
-            units.append((chunk, group))
-            weights.append(n)
+    units, weights = shard_units(shard, split)
     if not units:
         raise WorkspaceError(f"no cached contexts for '{shard.hook}' in split '{split}'")
+    if len(units) < world:
+        raise WorkspaceError(f"'{shard.hook}' has {len(units)} row groups in split '{split}', fewer than the {world} processes "
+                             "reading it: cache more tokens or use fewer processes")
     reader = ShardReader(shard)
     storage = STORAGE_DTYPES[shard.layout.dtype]
 
@@ -239,6 +249,17 @@ def iter_shards(shard: ShardHook, batch_size: int, *, seed: int = 0, split: Spli
     return _batches(read, units, weights, ctx_len, batch_size, per_read, None, seed=seed, epochs=epochs, skip_bos=skip_bos,
                     drop_last=drop_last, device=device, prefetch=prefetch, rank=rank, world=world, split=split,
                     buffer_tokens=buffer_tokens)
+
+
+def shard_units(shard: ShardHook, split: Split) -> tuple[list[tuple[int, int]], list[int]]:
+    """The row groups of a Parquet hook that hold contexts of ``split``, and how many each holds."""
+    units, weights = [], []
+    for chunk, group in shard.groups():
+        n = sum(1 for i in shard.group_range(chunk, group) if _in_split(i, split))
+        if n:
+            units.append((chunk, group))
+            weights.append(n)
+    return units, weights
 
 
 def _check_reader(batch_size: int, prefetch: int, rank: int, world: int) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 from dataclasses import dataclass
 
 import torch.distributed as dist
@@ -24,6 +25,14 @@ _GROUP = None
 
 class PeerFailed(WorkbenchError):
     """Rank 0 stopped the job; this rank stops with the same exit ``status`` and prints nothing."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+class RankFailed(Exception):
+    """Another rank of this job failed: rank 0 prints ``str(err)`` and every rank exits with ``status``."""
 
     def __init__(self, message: str, status: int):
         super().__init__(message)
@@ -51,9 +60,16 @@ def init(backend: str | None = None) -> tuple[int, int]:
     rank, size = world()
     if size > 1 and not dist.is_initialized():
         dist.init_process_group(backend or "gloo", timeout=datetime.timedelta(minutes=60))
+        # torchrun stops the other workers with SIGTERM when one fails: end as Ctrl-C does, so the
+        # job's row is marked interrupted and the same command resumes it
+        signal.signal(signal.SIGTERM, _interrupted)
     if size > 1 and _GROUP is None:
         _GROUP = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
     return world()
+
+
+def _interrupted(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def share(value: object) -> object:

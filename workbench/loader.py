@@ -143,27 +143,50 @@ def _shuffled_weights(weights: Sequence[int] | None, n: int, seed: int) -> list[
     return shuffled
 
 
+def _owners(weights: Sequence[int], world: int) -> np.ndarray:
+    """[n] the rank of each item: ⌊start · world / total⌋, start = the tokens before it (integers, no rounding)."""
+    w = np.asarray(weights, dtype=np.int64)
+    starts = np.cumsum(w) - w
+    return starts * world // max(1, int(w.sum()))
+
+
 def rank_slice(weights: Sequence[int], rank: int, world: int) -> range:
-    """Positions of ``rank``'s slice of items with these ``weights`` (see ``block_order``)."""
-    total, start, begin, end = sum(weights), 0, None, len(weights)
-    for i, w in enumerate(weights):  # start · world against rank · total: integers, no rounding
-        if begin is None and start * world >= rank * total:
-            begin = i
-        if start * world >= (rank + 1) * total:
-            end = i
-            break
-        start += w
-    return range(begin if begin is not None else len(weights), end)
+    """Positions of ``rank``'s slice of items with these ``weights`` (see ``block_order``); contiguous,
+    since owners never decrease along the order."""
+    mine = np.flatnonzero(_owners(weights, world) == rank)
+    return range(int(mine[0]), int(mine[-1]) + 1) if len(mine) else range(0)
+
+
+def rank_tokens(weights: Sequence[int], *, seed: int, epochs: int, world: int) -> np.ndarray:
+    """[world] the tokens each rank reads over ``epochs`` (``weights``: tokens per unit)."""
+    totals = np.zeros(world, dtype=np.int64)
+    for epoch in range(epochs):
+        shuffled = _shuffled_weights(weights, len(weights), seed + epoch)
+        totals += np.bincount(_owners(shuffled, world), weights=shuffled, minlength=world).astype(np.int64)
+    return totals
 
 
 def batches_per_rank(weights: Sequence[int], *, seed: int, epochs: int, world: int, batch_size: int) -> int:
     """How many whole batches every rank can yield: the least over ranks of its tokens (all epochs) // batch_size."""
-    totals = [0] * world
-    for epoch in range(epochs):
+    return int(rank_tokens(weights, seed=seed, epochs=epochs, world=world).min()) // batch_size
+
+
+def epochs_for(weights: Sequence[int], *, seed: int, world: int, batch_size: int, batches: int, limit: int = 100_000) -> int:
+    """The fewest epochs after which every rank can yield ``batches`` batches (each rank's share of an
+    epoch differs by up to a unit, so the least rank sets the pace). Raises ValueError when some
+    rank would get nothing (fewer units than ranks, or one unit outweighing the rest) or ``limit``
+    epochs would not do."""
+    if len(weights) < world:
+        raise ValueError(f"{len(weights)} units cannot feed {world} ranks")
+    totals = np.zeros(world, dtype=np.int64)
+    for epoch in range(limit):
         shuffled = _shuffled_weights(weights, len(weights), seed + epoch)
-        for rank in range(world):
-            totals[rank] += sum(shuffled[i] for i in rank_slice(shuffled, rank, world))
-    return min(totals) // batch_size
+        totals += np.bincount(_owners(shuffled, world), weights=shuffled, minlength=world).astype(np.int64)
+        if int(totals.min()) // batch_size >= batches:
+            return epoch + 1
+        if epoch == 15 and int(totals.min()) == 0:
+            break
+    raise ValueError(f"some of {world} ranks get too little data from these {len(weights)} units")
 
 
 def shuffled_index(n_contexts: int, ctx_len: int, skip: int, generator: torch.Generator, rows: np.ndarray) -> torch.Tensor:

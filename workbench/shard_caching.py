@@ -20,10 +20,11 @@ only thing several processes write, each to its own files.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +33,11 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from workbench import distributed
-from workbench.cache_writer import CacheError, CacheWriter
+from workbench.activations import shard_layout
+from workbench.cache_writer import CONTEXT_ID_SHIFT, CacheError, CacheWriter
 from workbench.caching import ActivationCacher, CacheRequest, CacheSummary, _batches, validate_request
 from workbench.hooks import Capture, attached
-from workbench.shards import TMP_PREFIX, ShardLayout, ShardSink, Store, chunk_of_name, open_store, valid_shard
+from workbench.shards import TMP_PREFIX, ShardError, ShardLayout, ShardSink, Store, chunk_name, chunk_of_name, open_store, shard_state
 from workbench.storage import insert_arrow
 from workbench.workspace import Workspace, ensure_writable, fetch_one
 
@@ -88,15 +90,45 @@ def cache_sharded(db: str | Path, request: CacheRequest, *, device: str | None =
             stack.enter_context(ws.job("runs", plan.layout.run_id))  # a failure is recorded on the run; the same command resumes
         cacher = ActivationCacher(ws, loaded, corpus, request) if rank == 0 else _Forward(loaded, corpus, request)
         store = open_store(plan.layout.url)
-        published = _cache_chunks(cacher, store, plan, plan.todo[rank::size], rank, progress and rank == 0)
-        everyone = distributed.gather(published)
+        outcome = _Outcome()
+        try:
+            _cache_chunks(cacher, store, plan, plan.todo[rank::size], rank, progress and rank == 0, outcome)
+        except Exception as err:  # noqa: BLE001 - every rank reports; rank 0 records what was published, then all stop
+            outcome.error = err
+        everyone = distributed.gather(outcome.shared())
+        if rank == 0:
+            written = {chunk: (r, sizes) for r, (chunks, _, _) in enumerate(everyone) for chunk, sizes in chunks}
+            n_contexts = register(ws, store, plan, corpus, written, stream=outcome.stream)
+        failed = [(r, line) for r, (_, _, line) in enumerate(everyone) if line is not None]
+        if outcome.error is not None:
+            raise outcome.error
+        if failed:
+            r, line = failed[0]
+            raise distributed.RankFailed(f"rank {r} of {size} failed: {line}; the same command resumes", everyone[r][1])
         if rank != 0:
             return None
-        written = {chunk: (r, sizes) for r, chunks in enumerate(everyone) for chunk, sizes in chunks}
-        n_contexts = register(ws, store, plan, corpus, written)
         return CacheSummary(run_id=plan.layout.run_id, hooks=request.hooks, n_contexts=n_contexts,
                             n_tokens=n_contexts * request.ctx_len, resumed_from=plan.done_contexts,
                             bytes_per_token=shard_bytes_per_token(ws, plan.layout.run_id))
+
+
+@dataclass
+class _Outcome:
+    """What a rank's caching left: the chunks it published, the stream's length when it read it
+    to the end (the corpus may hold fewer contexts than the run's target), and its error."""
+
+    published: list = field(default_factory=list)  # (chunk, {hook: bytes})
+    stream: int | None = None
+    error: BaseException | None = None
+
+    def shared(self) -> tuple[list, int, str | None]:
+        """(published, exit status, one line or None): what every rank sends rank 0 (picklable)."""
+        if self.error is None:
+            return self.published, 0, None
+        from workbench.errors import report
+
+        outcome = report(self.error)
+        return self.published, outcome.status, outcome.line
 
 
 class _Forward(ActivationCacher):
@@ -112,7 +144,9 @@ class _Forward(ActivationCacher):
 
 
 def _plan(ws: Workspace, loaded, corpus, request: CacheRequest) -> ShardPlan:
-    """Rank 0: the run (created or found), the store checked, and the chunks left to write."""
+    """Rank 0: the run (created or found), the store checked, and the chunks left to write. One
+    transaction: a store holding another run's files under this run's folder is refused, and
+    the workspace is left as it was."""
     cacher = ActivationCacher(ws, loaded, corpus, request)
     url = request.shards
     if url is None:  # the run's recorded store, else the default beside the workspace
@@ -124,61 +158,77 @@ def _plan(ws: Workspace, loaded, corpus, request: CacheRequest) -> ShardPlan:
         corpus_id = cacher._corpus_id()
         run_id = cacher._find_or_create_run(corpus_id, store.url)
         cacher._store_vocab()
-    target, chunk_contexts = fetch_one(ws.con, "SELECT n_contexts_target, chunk_contexts FROM runs WHERE run_id = ?", [run_id])
-    layout = ShardLayout(url=store.url, run_id=run_id, ctx_len=request.ctx_len, chunk_contexts=int(chunk_contexts),
-                         n_contexts=int(target), dtype=request.dtype)
-    dims = dict(ws.query("SELECT hook, d FROM run_hooks WHERE run_id = ? ORDER BY hook", [run_id]))
-    complete = _complete_chunks(ws, store, layout, dims)
+        layout = shard_layout(ws, run_id)
+        dims = dict(ws.query("SELECT hook, d FROM run_hooks WHERE run_id = ? ORDER BY hook", [run_id]))
+        complete = _complete_chunks(ws, store, layout, dims)
     todo = tuple(c for c in range(layout.n_chunks) if c not in complete)
     done = sum(len(layout.chunk_range(c)) for c in complete)
     return ShardPlan(layout, dims, todo, done)
 
 
-def _complete_chunks(ws: Workspace, store: Store, layout: ShardLayout, dims: dict[str, int]) -> set[int]:
+def _complete_chunks(ws: Workspace, store: Store, layout: ShardLayout, dims: dict[str, int], *, quiet: bool = False) -> set[int]:
     """Chunks whose shard exists for every hook and holds the whole chunk: registered files of the
-    recorded size, or unregistered files whose footer says so. Registered files that went missing
-    or changed are dropped from the manifest (and said so); temporary files of killed jobs are removed."""
+    recorded size, or unregistered files whose footer says so. A registered file that went missing
+    or changed loses its manifest row (and is said so: the chunk is rewritten); temporary files this
+    run's killed jobs left are removed; a complete file of another run is refused in one line."""
     registered = {(h, c): (p, b, n) for h, c, p, b, n in ws.query(
         "SELECT hook, chunk, path, bytes, n_contexts FROM shards WHERE run_id = ?", [layout.run_id])}
     complete: set[int] | None = None
     for hook, d in dims.items():
         listing = store.listing(layout.folder(hook))
         for name in listing:
-            if name.startswith(TMP_PREFIX):
+            if name.startswith(f"{TMP_PREFIX}{layout.key}-"):
                 store.delete(f"{layout.folder(hook)}/{name}")
         good = set()
         for chunk in range(layout.n_chunks):
-            name = layout.relative(hook, chunk).rsplit("/", 1)[1]
+            name = chunk_name(chunk)
             expected = len(layout.chunk_range(chunk))
             if (hook, chunk) in registered:
                 path, size, n = registered[(hook, chunk)]
                 if listing.get(name) == size and n == expected:
                     good.add(chunk)
                     continue
-                if listing.get(name) != size:
-                    print(f"workbench: shard {store.url.rstrip('/')}/{path} is missing or changed; rewriting it", file=sys.stderr)
+                if listing.get(name) != size and not quiet:
+                    print(f"workbench: shard {store.where(path)} is missing or changed; rewriting it", file=sys.stderr)
                 ws.con.execute("DELETE FROM shards WHERE run_id = ? AND hook = ? AND chunk = ?", [layout.run_id, hook, chunk])
-            elif name in listing and valid_shard(store, layout, hook, chunk, d):
+            if name not in listing:
+                continue
+            state = shard_state(store, layout, hook, chunk, d)
+            if state == "foreign":
+                raise ShardError(f"{store.where(layout.relative(hook, chunk))} belongs to another run (another workspace, or one "
+                                 f"deleted since) that used this store; give this run its own --shards, or remove "
+                                 f"{store.where(layout.folder(hook))} if that data is no longer wanted")
+            if state == "valid":
                 good.add(chunk)
         complete = good if complete is None else complete & good
     return complete or set()
 
 
-def _cache_chunks(cacher: ActivationCacher, store: Store, plan: ShardPlan, mine: tuple[int, ...], rank: int,
-                  progress: bool) -> list[tuple[int, dict[str, int]]]:
-    """Forward and write this rank's chunks; returns (chunk, {hook: bytes}) of those it published."""
+def _cache_chunks(cacher: ActivationCacher, store: Store, plan: ShardPlan, mine: tuple[int, ...], rank: int, progress: bool,
+                  outcome: _Outcome) -> None:
+    """Forward and write this rank's chunks; ``outcome`` collects what it published (also when it fails)."""
     from workbench.data import chunk_and_tokenize
 
     layout, req = plan.layout, cacher.request
+    if not plan.todo:
+        return
     wanted = set(mine)
-    contexts = chunk_and_tokenize(cacher.corpus.documents, cacher.loaded.tokenizer, req.ctx_len, seed=req.seed,
-                                  max_contexts=layout.n_contexts)
-    mine_contexts = (c for c in contexts if c.index // layout.chunk_contexts in wanted)
+    stream = chunk_and_tokenize(cacher.corpus.documents, cacher.loaded.tokenizer, req.ctx_len, seed=req.seed,
+                                max_contexts=layout.n_contexts)
+    seen = [0]  # contexts the stream yielded: its length once it is read to the end
+
+    def counted():
+        for context in stream:
+            seen[0] = context.index + 1
+            yield context
+
+    mine_contexts = (c for c in counted() if c.index // layout.chunk_contexts in wanted)
     total = sum(len(layout.chunk_range(c)) for c in mine) * req.ctx_len
     size = distributed.world()[1]
     label = f"caching run {layout.run_id}" + (f" (rank 0 of {size})" if size > 1 else "")
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc=label, disable=not progress, dynamic_ncols=True)
     sink = ShardSink(store, layout, plan.dims, tag=f"r{rank}-p{os.getpid()}")
+    outcome.published = sink.published  # the same list: what it holds when a failure stops the job
     capture = Capture(req.hooks)
     shown = 0
     with bar, attached(cacher.loaded.model, capture.hooks() + cacher.end_hooks):
@@ -192,7 +242,7 @@ def _cache_chunks(cacher: ActivationCacher, store: Store, plan: ShardPlan, mine:
                         bar.update((writer.committed - shown) * req.ctx_len)
                         shown = writer.committed
         bar.update((writer.committed - shown) * req.ctx_len)
-    return sink.published
+    outcome.stream = seen[0]
 
 
 def _by_chunk(contexts, chunk_contexts: int):
@@ -207,46 +257,65 @@ def _by_chunk(contexts, chunk_contexts: int):
         yield group
 
 
-def register(ws: Workspace, store: Store, plan: ShardPlan, corpus, written: dict[int, tuple[int, dict[str, int]]]) -> int:
-    """Rank 0: record every published, unregistered chunk (manifest rows, contexts, tokens,
-    documents), one transaction per chunk; the run is done once every chunk is. Returns the
-    contexts the run holds."""
+def register(ws: Workspace, store: Store, plan: ShardPlan, corpus, written: dict[int, tuple[int, dict[str, int]]],
+             stream: int | None = None) -> int:
+    """Rank 0: record every published, unregistered (hook, chunk): its manifest row, and the chunk's
+    contexts, tokens and documents when they are not recorded yet, one transaction per chunk. A
+    corpus that ended before the run's target (``stream`` contexts) shrinks the target to it. The
+    run is done once every chunk is. Returns the contexts the run holds."""
     layout = plan.layout
-    registered = {c for (c,) in ws.query("SELECT DISTINCT chunk FROM shards WHERE run_id = ?", [layout.run_id])}
-    complete = _complete_chunks(ws, store, layout, plan.dims)
+    if stream is not None and stream < layout.n_contexts:
+        with ws.transaction() as con:
+            con.execute("UPDATE runs SET n_contexts_target = ? WHERE run_id = ?", [stream, layout.run_id])
+        layout = dataclasses.replace(layout, n_contexts=stream)
+    registered = set(ws.query("SELECT hook, chunk FROM shards WHERE run_id = ?", [layout.run_id]))
+    complete = _complete_chunks(ws, store, layout, plan.dims, quiet=True)
     stored_docs = {d for (d,) in ws.query("SELECT doc_id FROM documents WHERE corpus_id = "
                                           "(SELECT corpus_id FROM runs WHERE run_id = ?)", [layout.run_id])}
     corpus_id = fetch_one(ws.con, "SELECT corpus_id FROM runs WHERE run_id = ?", [layout.run_id])[0]
-    for chunk in sorted(complete - registered):
+    hooks = sorted(plan.dims)
+    for chunk in sorted(complete):
+        missing = [h for h in hooks if (h, chunk) not in registered]
+        if not missing:
+            continue
         rank, sizes = written.get(chunk, (-1, {}))
-        first_hook = sorted(plan.dims)[0]
-        rows = _token_rows(store, layout.relative(first_hook, chunk))
+        n = len(layout.chunk_range(chunk))
         with ws.transaction() as con:
-            ids = rows.column("context_id").to_numpy()[:: layout.ctx_len]  # [n] one per context
-            existing = con.execute("SELECT count(*) FROM contexts WHERE context_id IN (SELECT unnest(?::BIGINT[]))",
-                                   [ids.tolist()]).fetchall()[0][0]
-            if existing:  # a chunk that grew when the run was extended: its old rows go first
-                con.execute("DELETE FROM tokens WHERE context_id IN (SELECT unnest(?::BIGINT[]))", [ids.tolist()])
-                con.execute("DELETE FROM contexts WHERE context_id IN (SELECT unnest(?::BIGINT[]))", [ids.tolist()])
-            insert_arrow(con, "contexts", pa.table({"context_id": ids, "run_id": np.full(len(ids), layout.run_id, np.int32),
-                                                    "corpus_context": (ids & 0xFFFFFFFF).astype(np.int32)}))
-            insert_arrow(con, "tokens", rows.select(["context_id", "position", "token_id", "doc_id"]))
-            new_docs = sorted(set(np.unique(rows.column("doc_id").to_numpy()).tolist()) - stored_docs - {-1})
-            insert_arrow(con, "documents", pa.table({
-                "corpus_id": np.full(len(new_docs), corpus_id, np.int32), "doc_id": np.array(new_docs, np.int32),
-                "domain": [corpus.documents[d].domain for d in new_docs], "source": [corpus.documents[d].source for d in new_docs],
-                "text": [corpus.documents[d].text for d in new_docs]}))
-            stored_docs.update(new_docs)
-            for hook in sorted(plan.dims):
+            first = chunk * layout.chunk_contexts
+            ids = [(layout.run_id << CONTEXT_ID_SHIFT) | i for i in range(first, first + n)]
+            have = con.execute("SELECT count(*) FROM contexts WHERE context_id IN (SELECT unnest(?::BIGINT[]))", [ids]).fetchall()[0][0]
+            if have != n:  # new, or a chunk that grew when the run was extended: its rows are (re)written whole
+                if have:
+                    con.execute("DELETE FROM tokens WHERE context_id IN (SELECT unnest(?::BIGINT[]))", [ids])
+                    con.execute("DELETE FROM contexts WHERE context_id IN (SELECT unnest(?::BIGINT[]))", [ids])
+                stored_docs.update(_record_contexts(con, store, layout, hooks[0], chunk, corpus, corpus_id, stored_docs))
+            for hook in missing:
                 relative = layout.relative(hook, chunk)
                 size = sizes.get(hook) or int(store.fs.get_file_info(store.path(relative)).size)
                 con.execute("INSERT OR REPLACE INTO shards VALUES (?, ?, ?, ?, ?, ?, ?)",
-                            [layout.run_id, hook, chunk, relative, len(layout.chunk_range(chunk)), size, rank])
+                            [layout.run_id, hook, chunk, relative, n, size, rank])
     held = int(fetch_one(ws.con, "SELECT count(*) FROM contexts WHERE run_id = ?", [layout.run_id])[0])
     if len(complete) == layout.n_chunks:
         with ws.transaction() as con:
             con.execute("UPDATE runs SET status = 'done', finished_at = current_timestamp WHERE run_id = ?", [layout.run_id])
     return held
+
+
+def _record_contexts(con, store: Store, layout: ShardLayout, hook: str, chunk: int, corpus, corpus_id: int,
+                     stored_docs: set[int]) -> list[int]:
+    """Insert a chunk's contexts, tokens and new documents, read back from its shard's token columns;
+    returns the documents it added."""
+    rows = _token_rows(store, layout.relative(hook, chunk))
+    ids = rows.column("context_id").to_numpy()[:: layout.ctx_len]  # [n] one per context
+    insert_arrow(con, "contexts", pa.table({"context_id": ids, "run_id": np.full(len(ids), layout.run_id, np.int32),
+                                            "corpus_context": (ids & 0xFFFFFFFF).astype(np.int32)}))
+    insert_arrow(con, "tokens", rows.select(["context_id", "position", "token_id", "doc_id"]))
+    new_docs = sorted(set(np.unique(rows.column("doc_id").to_numpy()).tolist()) - stored_docs - {-1})
+    insert_arrow(con, "documents", pa.table({
+        "corpus_id": np.full(len(new_docs), corpus_id, np.int32), "doc_id": np.array(new_docs, np.int32),
+        "domain": [corpus.documents[d].domain for d in new_docs], "source": [corpus.documents[d].source for d in new_docs],
+        "text": [corpus.documents[d].text for d in new_docs]}))
+    return new_docs
 
 
 def _token_rows(store: Store, relative: str) -> pa.Table:

@@ -63,12 +63,17 @@ class Store:
     def path(self, relative: str) -> str:
         return f"{self.root.rstrip('/')}/{relative}"
 
+    def where(self, relative: str = "") -> str:
+        """``relative`` under the store as a person reads it: the URL without its query (endpoint options)."""
+        base = self.url.split("?", 1)[0].rstrip("/")
+        return f"{base}/{relative}" if relative else base
+
     def listing(self, folder: str) -> dict[str, int]:
         """{file name: bytes} of one folder under the root ({} when it does not exist)."""
         try:
             infos = self.fs.get_file_info(pafs.FileSelector(self.path(folder), allow_not_found=True))
         except OSError as err:
-            raise ShardError(f"cannot list {self.url}/{folder}: {first_line(err)}") from None
+            raise ShardError(f"cannot list {self.where(folder)}: {first_line(err)}") from None
         return {info.base_name: int(info.size or 0) for info in infos if info.type == pafs.FileType.File}
 
     def delete(self, relative: str) -> None:
@@ -134,6 +139,7 @@ class ShardLayout:
     chunk_contexts: int
     n_contexts: int  # the run's target
     dtype: str
+    key: str = ""  # the run's key (``run_key``): in every footer, so files of another run are never taken for this one's
 
     @property
     def group_contexts(self) -> int:
@@ -155,6 +161,15 @@ class ShardLayout:
         return f"{self.folder(hook)}/{chunk_name(chunk)}"
 
 
+def run_key(run_id: int, created_at: object, identity: str) -> str:
+    """A run's key: 16 hex digits of a hash of its id, creation time and identity. Two workspaces
+    whose runs share a number (both start at 1), or a deleted workspace's leftover shards, have
+    other keys, so their files are never taken for this run's."""
+    import hashlib
+
+    return hashlib.sha256(f"{run_id}|{created_at}|{identity}".encode()).hexdigest()[:16]
+
+
 def chunk_name(chunk: int) -> str:
     return f"chunk-{chunk:06d}.parquet"
 
@@ -170,8 +185,8 @@ def _schema(layout: ShardLayout, hook: str, d: int, chunk: int) -> pa.Schema:
     # Required elements and v2 data pages: list levels are what a reader decodes; these halve them (measured, docs/scaling.md).
     activation = pa.field("activation", pa.list_(pa.field("element", value, nullable=False), d), nullable=False,
                           metadata={"dtype": layout.dtype})
-    meta = {"run_id": layout.run_id, "hook": hook, "chunk": chunk, "ctx_len": layout.ctx_len, "d": d, "dtype": layout.dtype,
-            "first_context": layout.chunk_range(chunk).start, "n_contexts": len(layout.chunk_range(chunk))}
+    meta = {"run_id": layout.run_id, "key": layout.key, "hook": hook, "chunk": chunk, "ctx_len": layout.ctx_len, "d": d,
+            "dtype": layout.dtype, "first_context": layout.chunk_range(chunk).start}
     return pa.schema([("context_id", pa.int64()), ("position", pa.int16()), ("token_id", pa.int32()), ("doc_id", pa.int32()),
                       activation], metadata={_META: _encode(meta)})
 
@@ -196,13 +211,18 @@ def shard_metadata(store: Store, relative: str) -> dict | None:
         return None
 
 
-def valid_shard(store: Store, layout: ShardLayout, hook: str, chunk: int, d: int) -> bool:
-    """Whether the published file of (hook, chunk) is complete and is that chunk of this run."""
+def shard_state(store: Store, layout: ShardLayout, hook: str, chunk: int, d: int) -> str:
+    """What the published file of (hook, chunk) is: "valid" (complete, and that chunk of this run),
+    "foreign" (a complete shard of another run: never ours to use or to overwrite) or "broken"
+    (unreadable, truncated, or written for a target the run no longer has: rewritten by a rerun)."""
     meta = shard_metadata(store, layout.relative(hook, chunk))
+    if meta is None:
+        return "broken"
+    if meta.get("key") != layout.key or meta.get("run_id") != layout.run_id:
+        return "foreign"
     expected = len(layout.chunk_range(chunk))
-    return meta is not None and meta.get("run_id") == layout.run_id and meta.get("hook") == hook and meta.get("chunk") == chunk \
-        and meta.get("d") == d and meta.get("ctx_len") == layout.ctx_len and meta.get("n_contexts") == expected \
-        and meta.get("num_rows") == expected * layout.ctx_len
+    same = meta.get("hook") == hook and meta.get("chunk") == chunk and meta.get("d") == d and meta.get("ctx_len") == layout.ctx_len
+    return "valid" if same and meta.get("num_rows") == expected * layout.ctx_len else "broken"
 
 
 # -- writing ----------------------------------------------------------------------------------
@@ -219,7 +239,7 @@ class ShardSink:
         self._contexts = 0
 
     def _tmp(self, hook: str) -> str:
-        return f"{self.layout.folder(hook)}/{TMP_PREFIX}{self.tag}-{chunk_name(self._chunk)}"
+        return f"{self.layout.folder(hook)}/{TMP_PREFIX}{self.layout.key}-{self.tag}-{chunk_name(self._chunk)}"
 
     def begin(self) -> None:
         self._chunk, self._contexts = None, 0
@@ -309,23 +329,29 @@ class ShardHook:
     layout: ShardLayout
     hook: str
     d: int
-    chunks: dict[int, tuple[str, int]] = field(default_factory=dict)
+    chunks: dict[int, tuple[str, int, int]] = field(default_factory=dict)  # chunk -> (relative path, bytes, contexts)
 
     def locate(self, index: int) -> tuple[int, int]:
         """(chunk, row group) holding the context of stream index ``index``."""
         chunk, within = divmod(index, self.layout.chunk_contexts)
         return chunk, within // self.layout.group_contexts
 
+    def contexts(self, chunk: int) -> range:
+        """Stream indices of the contexts the published file of ``chunk`` holds (the manifest's count,
+        not the run's current target: a run being extended keeps reading its old last chunk)."""
+        start = chunk * self.layout.chunk_contexts
+        return range(start, start + self.chunks[chunk][2])
+
     def group_range(self, chunk: int, group: int) -> range:
         """Stream indices of the contexts in row group ``group`` of ``chunk``."""
-        contexts = self.layout.chunk_range(chunk)
+        contexts = self.contexts(chunk)
         start = contexts.start + group * self.layout.group_contexts
         return range(start, min(start + self.layout.group_contexts, contexts.stop))
 
     def groups(self) -> list[tuple[int, int]]:
         """Every (chunk, row group) of the published chunks, in stream order."""
         G = self.layout.group_contexts
-        return [(c, g) for c in sorted(self.chunks) for g in range(-(-len(self.layout.chunk_range(c)) // G))]
+        return [(c, g) for c in sorted(self.chunks) for g in range(-(-len(self.contexts(c)) // G))]
 
 
 class ShardReader:
@@ -344,8 +370,8 @@ class ShardReader:
             return self._files[chunk]
         if chunk not in self.shard.chunks:
             raise ShardError(f"chunk {chunk} of run {self.shard.layout.run_id} is not cached for '{self.shard.hook}'")
-        relative, size = self.shard.chunks[chunk]
-        where = f"{self.store.url.rstrip('/')}/{relative}"
+        relative, size, _ = self.shard.chunks[chunk]
+        where = self.store.where(relative)
         hint = "run the same `workbench cache` command again to rewrite it"
         try:
             info = self.store.fs.get_file_info(self.store.path(relative))
@@ -368,8 +394,7 @@ class ShardReader:
         try:
             column = self._file(chunk).read_row_group(group, columns=["activation"]).column(0)
         except (OSError, pa.ArrowException) as err:
-            relative = self.shard.chunks[chunk][0]
-            raise ShardError(f"shard {self.store.url.rstrip('/')}/{relative} cannot be read ({first_line(err)}); "
+            raise ShardError(f"shard {self.store.where(self.shard.chunks[chunk][0])} cannot be read ({first_line(err)}); "
                              "run the same `workbench cache` command again to rewrite it") from None
         start = 0
         for piece in column.chunks:

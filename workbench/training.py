@@ -28,9 +28,10 @@ import torch.nn.functional as F
 
 import saes
 from saes.evals import downstream_metrics, reconstruction_metrics
-from workbench.activations import context_ids, iter_activations, iter_shards, shard_hook
+from workbench.activations import context_ids, iter_activations, iter_shards, shard_hook, shard_units
 from workbench.errors import WorkbenchError
 from workbench.hooks import attached
+from workbench.loader import epochs_for
 from workbench.models import model_device
 from workbench.safety import check_name, check_writable_dir, confined
 from workbench.shards import ShardHook
@@ -217,15 +218,29 @@ def train_sae_ddp(db: str | Path, hook: str, sae_fields: dict, train_cfg: saes.T
         raise TrainingError(f"--batch-size {train_cfg.batch_size} must divide among the {size} processes; use a multiple of {size}")
     ws = Workspace(db, create=False) if rank == 0 else None
     try:
-        def decide() -> TrainPlan:
-            plan = prepare_training(ws, hook, sae_fields, train_cfg, name=name, run_id=run_id, out=out, device=device)
-            if plan.shard is None:
-                raise TrainingError(f"run {plan.run_id} keeps '{hook}' in the DuckDB file, which one process reads; "
+        local = rank_config(train_cfg, size)
+
+        def decide() -> TrainPlan:  # the store and the data first: nothing is written before they pass
+            resolved = ws.resolve_hook_run(hook, run_id)
+            shard = shard_hook(ws, hook, resolved)
+            if shard is None:
+                raise TrainingError(f"run {resolved} keeps '{hook}' in the DuckDB file, which one process reads; "
                                     "several processes train from Parquet shards: cache it again with --store parquet")
-            return plan
+            units, weights = shard_units(shard, "train")
+            if len(units) < size:
+                raise TrainingError(f"'{hook}' has {len(units)} row groups of training data, fewer than the {size} processes; "
+                                    "cache more tokens or use fewer processes")
+            kept = shard.layout.ctx_len - 1  # BOS is skipped
+            try:
+                epochs = epochs_for([w * kept for w in weights], seed=train_cfg.seed, world=size, batch_size=local.batch_size,
+                                    batches=local.total_steps)
+            except ValueError as err:
+                raise TrainingError(f"'{hook}' cannot feed {size} processes evenly ({err}); cache more tokens or use fewer processes") \
+                    from None
+            plan = prepare_training(ws, hook, sae_fields, train_cfg, name=name, run_id=resolved, out=out, device=device)
+            return dataclasses.replace(plan, epochs=epochs)  # every rank has a batch for every step
 
         plan = distributed.decided_by_rank0(decide)
-        local = rank_config(train_cfg, size)
         batches = iter_shards(plan.shard, local.batch_size, seed=train_cfg.seed, split="train", epochs=plan.epochs, device=device,
                               rank=rank, world=size)
         if rank != 0:
@@ -263,9 +278,12 @@ def _logger(ws: Workspace, sae_id: int) -> Callable[[dict], None]:
 
 def _train(plan: TrainPlan, train_cfg: saes.TrainConfig, batches, device, log) -> saes.TrainResult:
     try:
-        return saes.train(plan.sae_cfg, train_cfg, batches, on_log=log, checkpoint_dir=plan.path, resume=plan.resuming, device=device)
+        result = saes.train(plan.sae_cfg, train_cfg, batches, on_log=log, checkpoint_dir=plan.path, resume=plan.resuming, device=device)
     finally:
         batches.close()  # stops the loader's reader thread (and frees its buffers) before the evaluation reads
+    if result.steps < train_cfg.total_steps:  # never recorded as done with a schedule cut short
+        raise TrainingError(f"the cached data ran out after {result.steps} of {train_cfg.total_steps} steps")
+    return result
 
 
 def _save_and_evaluate(ws: Workspace, plan: TrainPlan, result: saes.TrainResult, model, device) -> TrainedSAE:

@@ -2,14 +2,15 @@
 shards on object storage, and the bad input of each.
 
 Processes are real: ``torchrun --standalone --nproc-per-node 2 -m workbench …`` on gloo. What one
-process writes is compared with what two write byte for byte (the same forward batches: the same
-computation), never across different computations.
+process writes is compared with what two write, row for row and row group for row group (the same
+forward batches: the same computation), never across different computations.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -25,7 +26,7 @@ import torch
 from workbench.activations import context_ids, iter_activations, read_contexts
 from workbench.cli import main
 from workbench.errors import BAD_INPUT
-from workbench.loader import batches_per_rank, rank_slice
+from workbench.loader import batches_per_rank, epochs_for, rank_slice
 from workbench.shards import ShardLayout, open_store
 from workbench.workspace import Workspace
 
@@ -50,6 +51,19 @@ def finished(proc: subprocess.Popen, timeout: float = 300) -> tuple[str, str]:
 
 def shard_files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.parquet"))}
+
+
+def shard_contents(root: Path) -> dict[str, tuple]:
+    """Each shard's rows, row groups and footer metadata, less the run key (which differs between
+    workspaces by design): what must be equal when two jobs cached the same request."""
+    import pyarrow.parquet as pq
+
+    out = {}
+    for path in sorted(root.rglob("*.parquet")):
+        meta = json.loads(pq.read_metadata(path).metadata[b"workbench"])
+        assert len(meta.pop("key")) == 16
+        out[str(path.relative_to(root))] = (pq.read_table(path).to_pydict(), pq.ParquetFile(path).num_row_groups, meta)
+    return out
 
 
 def tables(db: Path) -> dict[str, list]:
@@ -124,8 +138,21 @@ def test_rank_slices_partition_and_balance():
             assert [i for s in slices for i in s] == list(range(len(weights)))  # in order, disjoint, complete
             sizes = [sum(weights[i] for i in s) for s in slices]
             assert max(sizes) - min(sizes) <= 2 * max(weights)
-            limit = batches_per_rank(weights, seed=1, epochs=2, world=world, batch_size=4)
-            assert limit * 4 * world <= 2 * sum(weights)
+            per_rank = [0] * world  # the same totals computed naively, epoch by epoch, from the slices
+            for epoch in range(2):
+                shuffled = list(weights)
+                random.Random(1 + epoch).shuffle(shuffled)
+                for r in range(world):
+                    per_rank[r] += sum(shuffled[i] for i in rank_slice(shuffled, r, world))
+            assert batches_per_rank(weights, seed=1, epochs=2, world=world, batch_size=4) == min(per_rank) // 4
+            if len(weights) < world:
+                with pytest.raises(ValueError, match="cannot feed"):
+                    epochs_for(weights, seed=1, world=world, batch_size=4, batches=1)
+                continue
+            steps = 3 * sum(weights) // (4 * world) + 1  # needs about three epochs
+            epochs = epochs_for(weights, seed=1, world=world, batch_size=4, batches=steps)
+            assert batches_per_rank(weights, seed=1, epochs=epochs, world=world, batch_size=4) >= steps
+            assert epochs == 1 or batches_per_rank(weights, seed=1, epochs=epochs - 1, world=world, batch_size=4) < steps
 
 
 def test_layout_arithmetic_finds_every_context():
@@ -133,7 +160,7 @@ def test_layout_arithmetic_finds_every_context():
     assert layout.group_contexts == 8 and layout.n_chunks == 3 and list(layout.chunk_range(2)) == [96, 97, 98, 99]
     from workbench.shards import ShardHook
 
-    shard = ShardHook(layout, HOOK, 4, {c: (layout.relative(HOOK, c), 1) for c in range(3)})
+    shard = ShardHook(layout, HOOK, 4, {c: (layout.relative(HOOK, c), 1, len(layout.chunk_range(c))) for c in range(3)})
     seen = []
     for chunk, group in shard.groups():
         seen += list(shard.group_range(chunk, group))
@@ -145,7 +172,7 @@ def test_layout_arithmetic_finds_every_context():
 def test_two_processes_write_what_one_writes(stores, tmp_path):
     finished(torchrun([*CACHE, "--tokens", "4096", "--db", "two.duckdb", "--store", "parquet"], tmp_path))
     one_root, two_root = stores["parquet"].with_suffix(".shards"), tmp_path / "two.shards"
-    assert shard_files(two_root) == shard_files(one_root) and len(shard_files(one_root)) == 8
+    assert shard_contents(two_root) == shard_contents(one_root) and len(shard_files(one_root)) == 8
     assert tables(tmp_path / "two.duckdb") == tables(stores["parquet"])
     with Workspace(tmp_path / "two.duckdb", read_only=True) as ws:
         assert sorted(r for (r,) in ws.query("SELECT DISTINCT rank FROM shards")) == [0, 1]
@@ -189,7 +216,7 @@ def test_a_killed_rank_then_a_rerun_with_another_world_size_writes_the_same_shar
     left = len(list(folder.glob("chunk-*.parquet")))
     assert 3 <= left < 64
     assert main([*request, "--db", str(tmp_path / "ws.duckdb")]) == 0  # one process now
-    assert shard_files(tmp_path / "ws.shards") == shard_files(tmp_path / "ref" / "ws.shards")
+    assert shard_contents(tmp_path / "ws.shards") == shard_contents(tmp_path / "ref" / "ws.shards")
     assert tables(tmp_path / "ws.duckdb") == tables(tmp_path / "ref" / "ws.duckdb")
     assert not list((tmp_path / "ws.shards").rglob(".tmp-*"))
 
@@ -262,9 +289,12 @@ def test_shards_on_s3_cache_train_and_analyze(s3, stores, tmp_path):
     listed = client.list_objects_v2(Bucket="acts", Prefix="cache/")["Contents"]
     keys = sorted(o["Key"] for o in listed if not o["Key"].endswith("/"))  # pyarrow leaves empty folder markers after a move
     assert keys == [f"cache/run_id=1/hook={HOOK}/chunk-{c:06d}.parquet" for c in range(8)]
-    local = shard_files(stores["parquet"].with_suffix(".shards"))
-    for key in keys:  # what went to S3 is what a local store holds, byte for byte
-        assert client.get_object(Bucket="acts", Key=key)["Body"].read() == local[key.removeprefix("cache/")]
+    local = shard_contents(stores["parquet"].with_suffix(".shards"))
+    pulled = tmp_path / "pulled"
+    for key in keys:  # what went to S3 is what a local store holds
+        (pulled / key).parent.mkdir(parents=True, exist_ok=True)
+        (pulled / key).write_bytes(client.get_object(Bucket="acts", Key=key)["Body"].read())
+    assert shard_contents(pulled / "cache") == local
     assert main([*TRAIN, "--db", str(db), "--tokens", "4096", "--name", "s3"]) == 0
     assert main(["analyze", "--db", str(db), "--sae", "s3", "--no-logits"]) == 0
     with Workspace(db, read_only=True) as ws, Workspace(stores["parquet"], read_only=True) as ref:
@@ -330,7 +360,7 @@ def test_one_run_never_mixes_stores(stores, tmp_path, capsys, table_digest):
     assert table_digest(db) == before and not db.with_suffix(".shards").exists()
 
 
-def test_shards_without_the_parquet_store_and_ddp_from_duckdb_are_refused(stores, tmp_path, capsys, monkeypatch):
+def test_shards_without_the_parquet_store_and_ddp_from_duckdb_are_refused(stores, tmp_path, capsys, table_digest):
     err = _bad([*CACHE, "--tokens", "512", "--db", str(tmp_path / "x.duckdb"), "--shards", str(tmp_path)], capsys)
     assert "--store parquet" in err and not (tmp_path / "x.duckdb").exists()
     from workbench.caching import CacheRequest
@@ -341,10 +371,61 @@ def test_shards_without_the_parquet_store_and_ddp_from_duckdb_are_refused(stores
         cache_sharded(tmp_path / "y.duckdb", CacheRequest(hooks=(HOOK,), tokens=512, model="tiny-llama"))
     db = tmp_path / "d.duckdb"
     shutil.copy(stores["duckdb"], db)
+    before = table_digest(db)
     with pytest.raises(TrainingError, match="cache it again with --store parquet"):  # one process standing in for rank 0
         train_sae_ddp(db, HOOK, {"width": 96, "k": 4}, __import__("saes").TrainConfig(batch_size=256, total_tokens=1024))
+    assert table_digest(db) == before and not db.with_suffix(".saes").exists()
 
 
 def test_the_default_store_is_beside_the_workspace(stores):
     store = open_store(stores["parquet"].with_suffix(".shards"))
     assert store.listing(f"run_id=1/hook={HOOK}") and store.url == str(stores["parquet"].with_suffix(".shards"))
+
+
+def test_every_hook_of_a_damaged_chunk_is_registered_again(tmp_path, capsys):
+    """Two hooks; one hook's shard of chunk 2 is deleted: the rerun rewrites the chunk and the
+    manifest lists both hooks' files again (the run is whole for each hook)."""
+    hooks = ["--hook", "blocks.0.hook_resid_post"]
+    db = tmp_path / "ws.duckdb"
+    assert main([*CACHE, *hooks, "--tokens", "2048", "--db", str(db), "--store", "parquet"]) == 0
+    victim = tmp_path / "ws.shards" / "run_id=1" / "hook=blocks.0.hook_resid_post" / "chunk-000002.parquet"
+    original, manifest = victim.read_bytes(), tables(db)["shards"]
+    victim.unlink()
+    assert main([*CACHE, *hooks, "--tokens", "2048", "--db", str(db), "--store", "parquet"]) == 0
+    assert victim.read_bytes() == original and tables(db)["shards"] == manifest and len(manifest) == 2 * 4
+    with Workspace(db, read_only=True) as ws:
+        assert [r[4] for r in ws.cached_hooks()] == [64, 64]
+
+
+def test_a_corpus_shorter_than_the_target_ends_the_run_where_it_ends(tmp_path):
+    corpus = tmp_path / "small.txt"
+    corpus.write_text("\n\n".join(f"document {i}: " + " ".join(f"word{j}" for j in range(40 + i)) for i in range(12)))
+    db = tmp_path / "ws.duckdb"
+    request = [*CACHE, "--corpus", str(corpus), "--tokens", "100000", "--db", str(db), "--store", "parquet"]
+    assert main(request) == 0
+    with Workspace(db, read_only=True) as ws:
+        (target, status), = ws.query("SELECT n_contexts_target, status FROM runs")
+        n = len(context_ids(ws, HOOK, split="all"))
+        assert status == "done" and target == n < 100000 // 32 and ws.cached_hooks()[0][4] == n
+        assert read_contexts(ws, HOOK, context_ids(ws, HOOK, split="all")[-1:]).shape == (1, 32, 64)
+    assert main(request) == 0  # nothing left to do
+
+
+def test_another_runs_shards_are_never_taken_or_overwritten(stores, tmp_path, capsys, table_digest):
+    """A new workspace whose default store still holds a deleted workspace's run 1: refused in one
+    line, nothing written, the old files untouched."""
+    shutil.copytree(stores["parquet"].with_suffix(".shards"), tmp_path / "ws.shards")
+    db = tmp_path / "ws.duckdb"
+    Workspace(db).close()  # a new, empty workspace: its first run is run 1 again
+    before, files = table_digest(db), shard_files(tmp_path / "ws.shards")
+    err = _bad([*CACHE, "--tokens", "4096", "--db", str(db), "--store", "parquet", "--seed", "3"], capsys)
+    assert "belongs to another run" in err and "--shards" in err
+    assert table_digest(db) == before and shard_files(tmp_path / "ws.shards") == files
+
+
+def test_readers_refuse_fewer_units_than_ranks_and_ids_of_another_run(stores):
+    with Workspace(stores["parquet"], read_only=True) as ws:
+        with pytest.raises(ValueError, match="fewer than the 9 processes"):
+            next(iter_activations(ws, HOOK, 64, split="test", rank=0, world=9))
+        with pytest.raises(ValueError, match="context ids of run 2"):
+            read_contexts(ws, HOOK, [(2 << 32) | 5])
