@@ -13,6 +13,10 @@ Domains and sources (nothing here was written by this project):
   inside its ``.dist-info`` folder (source ``license:NAME-VERSION.dist-info/...``).
 - ``package``: the long description of each installed distribution (source ``package:NAME``).
 
+Deduplicated: exact and near-duplicate documents are dropped, the first by source of each group
+kept (``workbench.data.dedup``; most of what goes is the same licence shipped by many packages);
+``stdlib_dedup_report`` says how many per domain.
+
 Deterministic: documents are sorted by source, so for one Python version and one set of
 installed distributions the tuple is identical. The ``license`` and ``package`` parts depend on
 what is installed in this interpreter's site-packages; editable installs (the project itself)
@@ -33,6 +37,7 @@ import tokenize
 from collections.abc import Iterator
 from pathlib import Path
 
+from workbench.data.dedup import Deduplicated, DomainCounts, deduplicate
 from workbench.data.documents import Document
 
 _SKIP_DIRS = frozenset(
@@ -44,7 +49,23 @@ _LICENSE_PREFIXES = ("LICENSE", "LICENCE", "COPYING")
 
 @functools.lru_cache(maxsize=1)
 def stdlib_documents() -> tuple[Document, ...]:
-    """All documents of the built-in corpus, sorted by source (cached per process)."""
+    """The documents of the built-in corpus, deduplicated, sorted by source (cached per process)."""
+    return stdlib_deduplicated().documents
+
+
+def stdlib_dedup_report() -> dict[str, DomainCounts]:
+    """Per domain of the built-in corpus: documents kept, and dropped as exact and as near duplicates."""
+    return dict(stdlib_deduplicated().report)
+
+
+@functools.lru_cache(maxsize=1)
+def stdlib_deduplicated() -> Deduplicated:
+    """``raw_stdlib_documents`` without duplicates (``workbench.data.dedup``), and what was dropped (cached per process)."""
+    return deduplicate(raw_stdlib_documents())
+
+
+def raw_stdlib_documents() -> tuple[Document, ...]:
+    """Every document of the built-in corpus before deduplication, sorted by source (built on each call)."""
     documents = [
         *_topic_documents(),
         *_module_documents(_stdlib_dir()),

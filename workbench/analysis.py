@@ -11,7 +11,9 @@ Then, from those rows (one transaction, recomputed whole on every finish):
   ``HIST_BINS``-bin histogram of z_f over (0, max_f];
 - top examples (the ``N_TOP`` largest z_f) and quantile examples: (0, max_f] cut into
   ``N_BANDS`` equal bands, up to ``PER_BAND`` tokens per band, chosen by a fixed hash so
-  reruns pick the same ones;
+  reruns pick the same ones; no two examples of a feature (top and bands together) show the
+  same window text (the token ids ``WINDOW_BEFORE`` before to ``WINDOW_AFTER`` after the token,
+  the window a feature page shows): a repeat is skipped for the next token in the list's order;
 - logit effects: the unit decoder direction d_f scaled by the final norm's weight γ and read by
   the unembedding, (d_f ⊙ γ) W_U — the ``N_LOGITS`` most promoted and most suppressed tokens
   (the norm's input-dependent scale is left out, as usual for direct logit effects);
@@ -48,6 +50,10 @@ from workbench.training import run_device
 from workbench.workspace import SAERecord, Workspace, fetch_one, resolve_sae
 
 HIST_BINS, N_TOP, N_BANDS, PER_BAND, N_LOGITS, N_RELATED = 30, 20, 10, 5, 10, 5
+# The window a feature page shows around an example's token (features.examples' default window=12: 12 tokens
+# before, 12 // 2 after); a feature's examples are distinct by the token ids of this window.
+WINDOW_BEFORE, WINDOW_AFTER = 12, 6
+_OVERSAMPLE = 4  # example candidates fetched per kept example; more are fetched for a feature that runs short
 ENCODE_ELEMENTS = 1 << 25  # dense latents per encode chunk: ~6 [rows, width] temporaries of ≤ 128 MiB, < 1 GiB on the device
 COOC_TOKENS = 65_536  # tokens whose stored nonzeros are fetched per co-occurrence step
 COOC_LOOKUPS = 1 << 22  # (nonzero, related feature) lookups per step: ~25 bytes each, ~100 MiB on the device
@@ -225,42 +231,172 @@ def _store_statistics(con, record: SAERecord, n_tokens: int) -> None:
         "max_value": pa.array(peak, from_pandas=True),
         "hist_counts": pa.array(list(hist)),
     }))
-    # Top-n aggregates keep n rows per group in memory, unlike a window sort over every nonzero. Their
-    # keys are structs compared field by field, unique per row (a token fires a feature once), so the
-    # order is total: top examples by (value desc, context_id asc, position asc), the same order as
-    # row_number() OVER (PARTITION BY feature ORDER BY value DESC, context_id, position); band examples
-    # by (hash, context_id, position), the hash only spreading the picks over the band. float16
-    # activations give many exactly equal values, and with a non-unique key the picks and their
-    # ranks depended on how DuckDB's threads happened to split the scan.
-    top = con.execute(
-        f"""SELECT feature, -1, max_by({{'c': context_id, 'p': position, 'v': value}},
-                                       {{'v': value, 'c': -context_id, 'p': -position}}, {N_TOP})
-            FROM feature_acts WHERE sae_id = ? GROUP BY feature ORDER BY feature""",
-        [sae_id],
-    ).fetchall()
-    banded = con.execute(
-        f"""SELECT a.feature, least({N_BANDS - 1}, floor(a.value / s.max_value * {N_BANDS}))::SMALLINT AS band,
-                   min_by({{'c': a.context_id, 'p': a.position, 'v': a.value}},
-                          {{'h': hash(a.context_id, a.position), 'c': a.context_id, 'p': a.position}}, {PER_BAND})
-            FROM feature_acts a JOIN feature_stats s ON s.sae_id = a.sae_id AND s.feature = a.feature
-            WHERE a.sae_id = ? GROUP BY ALL ORDER BY a.feature, band""",
-        [sae_id],
-    ).fetchall()
-    columns = {"feature": [], "band": [], "rank": [], "context_id": [], "position": [], "value": []}
-    for feature, band, picked in top + banded:
-        for rank, example in enumerate(picked, start=1):
-            for key, value in (("feature", feature), ("band", band), ("rank", rank), ("context_id", example["c"]),
-                               ("position", example["p"]), ("value", example["v"])):
-                columns[key].append(value)
+    _store_examples(con, sae_id)
+
+
+def _store_examples(con, sae_id: int) -> None:
+    """Top and band examples of every feature, no two of one feature with the same window text.
+
+    Candidates come from SQL in each list's own total order (``_example_candidates``), ``factor``
+    times as many as are kept; ``_distinct_examples`` keeps the first ones whose window is new for
+    the feature. A feature whose candidates ran out before its lists were full (and could have more)
+    is fetched again with four times the factor; the picks depend only on the orders, not on the
+    factor, so this is the selection one unlimited pass would make.
+    """
+    picked: dict[str, list[np.ndarray]] = {key: [] for key in ("feature", "band", "rank", "context_id", "position", "value")}
+    features, factor = None, _OVERSAMPLE
+    while True:
+        top, banded = _example_candidates(con, sae_id, features, factor)
+        chosen, short = _distinct_examples(con, top, banded, factor)
+        for key in picked:
+            picked[key].append(chosen[key])
+        if short.size == 0:
+            break
+        features, factor = short, factor * 4
+    columns = {key: np.concatenate(parts) for key, parts in picked.items()}
+    order = np.lexsort((columns["rank"], -columns["band"], columns["feature"]))  # feature, band (top first), rank
     insert_arrow(con, "feature_examples", pa.table({
-        "sae_id": np.full(len(columns["feature"]), sae_id, np.int32),
-        "feature": np.array(columns["feature"], np.int32),
-        "band": np.array(columns["band"], np.int16),
-        "rank": np.array(columns["rank"], np.int16),
-        "context_id": np.array(columns["context_id"], np.int64),
-        "position": np.array(columns["position"], np.int16),
-        "value": np.array(columns["value"], np.float32),
+        "sae_id": np.full(order.size, sae_id, np.int32),
+        "feature": columns["feature"][order].astype(np.int32),
+        "band": columns["band"][order].astype(np.int16),
+        "rank": columns["rank"][order].astype(np.int16),
+        "context_id": columns["context_id"][order].astype(np.int64),
+        "position": columns["position"][order].astype(np.int16),
+        "value": columns["value"][order].astype(np.float32),
     }))
+
+
+def _example_candidates(con, sae_id: int, features: np.ndarray | None, factor: int) -> tuple[dict, dict]:
+    """Top candidates (N_TOP·factor per feature) and band candidates (PER_BAND·factor per feature and band).
+
+    Each comes as numpy columns (feature, band, i, context_id, position, value) sorted by feature
+    (then band) and i, the 1-based place in the list's order. ``features``: only these (None: all).
+
+    Top-n aggregates keep n rows per group in memory, unlike a window sort over every nonzero. Their
+    keys are structs compared field by field, unique per row (a token fires a feature once), so the
+    order is total: top candidates by (value desc, context_id asc, position asc), the same order as
+    row_number() OVER (PARTITION BY feature ORDER BY value DESC, context_id, position); band candidates
+    by (hash, context_id, position), the hash only spreading the picks over the band. float16
+    activations give many exactly equal values, and with a non-unique key the picks and their
+    ranks depended on how DuckDB's threads happened to split the scan.
+    """
+    only = "" if features is None else "AND a.feature IN (SELECT unnest(?::INTEGER[]))"
+    extra = [] if features is None else [features.tolist()]
+    top = con.execute(
+        f"""WITH g AS (
+                SELECT a.feature, -1 AS band, max_by({{'c': a.context_id, 'p': a.position, 'v': a.value}},
+                                                 {{'v': a.value, 'c': -a.context_id, 'p': -a.position}}, {N_TOP * factor}) AS picks
+                FROM feature_acts a WHERE a.sae_id = ? {only} GROUP BY a.feature),
+            u AS (SELECT feature, band, generate_subscripts(picks, 1) AS i, unnest(picks) AS e FROM g)
+            SELECT feature, band, i, e.c AS context_id, e.p AS position, e.v AS value FROM u ORDER BY feature, i""",
+        [sae_id, *extra],
+    ).fetchnumpy()
+    banded = con.execute(
+        f"""WITH g AS (
+                SELECT a.feature, least({N_BANDS - 1}, floor(a.value / s.max_value * {N_BANDS}))::SMALLINT AS band,
+                       min_by({{'c': a.context_id, 'p': a.position, 'v': a.value}},
+                              {{'h': hash(a.context_id, a.position), 'c': a.context_id, 'p': a.position}}, {PER_BAND * factor}) AS picks
+                FROM feature_acts a JOIN feature_stats s ON s.sae_id = a.sae_id AND s.feature = a.feature
+                WHERE a.sae_id = ? {only} GROUP BY ALL),
+            u AS (SELECT feature, band, generate_subscripts(picks, 1) AS i, unnest(picks) AS e FROM g)
+            SELECT feature, band, i, e.c AS context_id, e.p AS position, e.v AS value FROM u ORDER BY feature, band, i""",
+        [sae_id, *extra],
+    ).fetchnumpy()
+    return top, banded
+
+
+def _window_keys(con, context_id: np.ndarray, position: np.ndarray) -> np.ndarray:
+    """An id per (context, position), equal exactly when the token ids of the window a feature page
+    shows around it (``WINDOW_BEFORE`` tokens before, ``WINDOW_AFTER`` after, cut at the context's
+    ends) are equal: int64 [n]."""
+    if context_id.size == 0:
+        return np.zeros(0, np.int64)
+    contexts = np.unique(context_id)
+    rows = con.execute(
+        "SELECT context_id, position, token_id FROM tokens WHERE context_id IN (SELECT unnest(?::BIGINT[]))",
+        [contexts.tolist()],
+    ).fetchnumpy()
+    length = int(rows["position"].max()) + 1
+    table = np.full((contexts.size, length + 1), -1, np.int32)  # token ids; one column of -1 past the end
+    table[np.searchsorted(contexts, rows["context_id"]), rows["position"].astype(np.int64)] = rows["token_id"]
+    ends = (table[:, :length] >= 0).sum(1)  # tokens per context
+    tokens, token_of = np.unique(np.searchsorted(contexts, context_id) * (length + 1) + position, return_inverse=True)
+    row, pos = tokens // (length + 1), tokens % (length + 1)  # each distinct (context, position) once
+    start = np.maximum(0, pos - WINDOW_BEFORE)
+    stop = np.minimum(ends[row], pos + WINDOW_AFTER + 1)
+    offsets = np.arange(WINDOW_BEFORE + WINDOW_AFTER + 1)
+    index = start[:, None] + offsets  # [n, window], the window left-aligned
+    windows = np.where(index < stop[:, None], table[row[:, None], np.minimum(index, length)], -1)
+    rows_as_bytes = np.ascontiguousarray(windows).view(np.dtype((np.void, windows.dtype.itemsize * windows.shape[1])))
+    _, keys = np.unique(rows_as_bytes.reshape(-1), return_inverse=True)  # equal bytes exactly when equal token ids
+    return keys.reshape(-1).astype(np.int64)[token_of.reshape(-1)]
+
+
+def _first_distinct(group: np.ndarray, key: np.ndarray, used: np.ndarray, n_keys: int, keep: int) -> np.ndarray:
+    """Rows to keep, in order: per group (sorted, contiguous), the first ``keep`` rows whose key is
+    neither in ``used`` (codes group·n_keys + key) nor on an earlier row of the group. Bool [n]."""
+    code = group * n_keys + key
+    fresh = ~np.isin(code, used)
+    first = np.zeros(code.size, bool)
+    first[np.unique(code, return_index=True)[1]] = True  # earliest row of each (group, key)
+    candidate = fresh & first
+    index = np.flatnonzero(candidate)
+    g = group[index]
+    starts = np.r_[True, g[1:] != g[:-1]] if g.size else np.zeros(0, bool)
+    rank = np.arange(index.size) - np.maximum.accumulate(np.where(starts, np.arange(index.size), 0))
+    out = np.zeros(code.size, bool)
+    out[index[rank < keep]] = True
+    return out
+
+
+def _distinct_examples(con, top: dict, banded: dict, factor: int) -> tuple[dict, np.ndarray]:
+    """The examples kept from the candidates, and the features whose candidates ran short.
+
+    Per feature: the top list takes the first N_TOP candidates with a window not seen before; then
+    each band from the highest down takes its first PER_BAND candidates whose window is in none of
+    the feature's lists so far. A list that stays short although it got all the candidates asked
+    for (N_TOP·factor or PER_BAND·factor) may have more rows in the store: its feature is returned.
+    """
+    context_id = np.concatenate([top["context_id"], banded["context_id"]]).astype(np.int64)
+    position = np.concatenate([top["position"], banded["position"]]).astype(np.int64)
+    keys = _window_keys(con, context_id, position)
+    n_keys = int(keys.max()) + 1 if keys.size else 1
+    n_top = top["feature"].size
+    feature = [top["feature"].astype(np.int64), banded["feature"].astype(np.int64)]
+    key_top, key_band = keys[:n_top], keys[n_top:]
+
+    keep_top = _first_distinct(feature[0], key_top, np.zeros(0, np.int64), n_keys, N_TOP)
+    used = feature[0][keep_top] * n_keys + key_top[keep_top]
+    band = banded["band"].astype(np.int64)
+    keep_band = np.zeros(band.size, bool)
+    for b in range(N_BANDS - 1, -1, -1):
+        rows = np.flatnonzero(band == b)  # sorted by feature, then i
+        kept = rows[_first_distinct(feature[1][rows], key_band[rows], used, n_keys, PER_BAND)]
+        keep_band[kept] = True
+        used = np.concatenate([used, feature[1][kept] * n_keys + key_band[kept]])
+
+    short = []
+    for f, b, keep, limit in ((feature[0], None, keep_top, N_TOP), (feature[1], band, keep_band, PER_BAND)):
+        group = f if b is None else f * N_BANDS + b
+        groups, fetched = np.unique(group, return_counts=True)
+        kept = np.bincount(np.searchsorted(groups, group[keep]), minlength=groups.size)
+        lacking = (kept < limit) & (fetched == limit * factor)
+        short.append(groups[lacking] if b is None else groups[lacking] // N_BANDS)
+    short_features = np.unique(np.concatenate(short))
+
+    chosen = {key: [] for key in ("feature", "band", "rank", "context_id", "position", "value")}
+    for source, keep, band_of in ((top, keep_top, np.full(n_top, -1)), (banded, keep_band, band)):
+        f = source["feature"].astype(np.int64)[keep]
+        b = band_of[keep]
+        group = f * (N_BANDS + 1) + b + 1
+        starts = np.r_[True, group[1:] != group[:-1]] if group.size else np.zeros(0, bool)
+        index = np.arange(group.size)
+        rank = index - np.maximum.accumulate(np.where(starts, index, 0)) + 1
+        not_short = ~np.isin(f, short_features)  # a short feature is redone whole with more candidates
+        for key, value in (("feature", f), ("band", b), ("rank", rank), ("context_id", source["context_id"][keep]),
+                           ("position", source["position"][keep]), ("value", source["value"][keep])):
+            chosen[key].append(np.asarray(value)[not_short])
+    return {key: np.concatenate(parts) for key, parts in chosen.items()}, short_features
 
 
 _UNIT_SHIFT = 175  # 2^-175 divides every term S_e · 2^(e-24) below (e ≥ -150)
