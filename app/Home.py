@@ -34,16 +34,30 @@ METRICS = {  # metric key in the saes table -> column title
     "dense_fraction_1pct": "dense >1%", "dense_fraction_10pct": "dense >10%", "ce_loss_recovered": "CE loss recovered",
     "kl_clean_spliced": "KL", "train_tokens": "train tokens",
 }
+DETAILS = {"explained_variance": "explained var.", "train_tokens": "train tokens"}  # shown under "More columns"
+SHORT = {"dense >1%": ">1%", "dense >10%": ">10%", "CE loss recovered": "CE rec."}  # column titles in the narrow table
 if not info["saes"]:
     st.info("No SAEs yet: train one with `workbench train --db W --hook H --arch topk --width F --k K --tokens N`.")
 else:
-    rows = []
+    rows, details = [], []
     for s in info["saes"]:
-        row = {key: s[key] for key in ("sae_id", "name", "hook", "arch", "width", "k", "status")}
+        row = {"name": s["name"], "dictionary": f"{s['arch']} · {s['width']:,}" + (f" · k={s['k']}" if s["k"] else "")}
         row["analysed"] = info["analysed"].get(s["sae_id"], "no")
-        row.update({title: s["metrics"].get(key) for key, title in METRICS.items()})
+        row.update({title: s["metrics"].get(key) for key, title in METRICS.items() if key not in DETAILS})
         rows.append(row)
-    st.dataframe(rows, hide_index=True)
+        details.append({"name": s["name"], "id": s["sae_id"], "hook": s["hook"], "arch": s["arch"], "width": s["width"],
+                        "k": s["k"], "status": s["status"], **{title: s["metrics"].get(key) for key, title in DETAILS.items()}})
+    # Every column fits the page: three-digit numbers in narrow columns, short titles (the full name on hover),
+    # and the rest under "More columns" below.
+    number = {title: st.column_config.NumberColumn(SHORT.get(title, title), format="%.3g", width="small", help=title)
+              for key, title in METRICS.items() if key not in DETAILS}
+    st.dataframe(rows, hide_index=True, width="stretch", column_config={
+        **number, "name": st.column_config.TextColumn("name", pinned=True),
+        "dictionary": st.column_config.TextColumn("dictionary", help="architecture · width (latents) · k"),
+        "analysed": st.column_config.TextColumn("analysed", width="small"),
+    })
+    with st.expander("More columns: id, hook, architecture, status, explained variance, training tokens"):
+        st.table(details)
     st.caption("Metrics are measured on the held-out 5 % of the cache; CE loss recovered and KL need the model "
                "(absent when trained with `--no-downstream`).")
     browsable = [s["name"] for s in info["saes"] if s["status"] == "done" and info["analysed"].get(s["sae_id"]) == "done"]

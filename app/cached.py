@@ -245,3 +245,157 @@ def steer_sweep(path: str, model_ref: str, spec_json: str, strengths: tuple[floa
     with _inference_lock(), _open(path) as ws:
         rows = sweep(loaded, spec, tuple(float(s) for s in strengths), [prompt], NEUTRAL_TEXTS[:int(n_neutral)], ws=ws)
     return [{"strength": r.strength, **r.metrics} for r in rows]
+
+
+# -- feature labels (workbench.explanations, when present) -------------------------------------
+# The labels come from another module and table that a workspace may not have (an older workbench,
+# a workspace never explained). Pages read labels only through these two adapters, which answer
+# "no labels" ({} or []) whenever either is missing, so every page works with or without them.
+LABELS_MODULE = "workbench.explanations"
+LABELS_TABLE = "feature_explanations"
+
+
+def _labels_stored(ws: Workspace) -> bool:
+    """Whether ``workbench.explanations`` is importable and this workspace has its table."""
+    import importlib.util
+
+    if importlib.util.find_spec(LABELS_MODULE) is None:
+        return False
+    (n,) = ws.query("SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [LABELS_TABLE])[0]
+    return n > 0
+
+
+@per_workspace_version(max_entries=64)
+def labels(path: str, sae: str) -> dict[int, tuple[str, float | None, str]]:
+    """feature -> (label, score, explainer) for one SAE; {} without labels."""
+    with _open(path) as ws:
+        if not _labels_stored(ws):
+            return {}
+        from workbench.explanations import feature_labels
+
+        record = resolve_sae(ws, sae)
+        return {int(f): (str(v[0]), None if v[1] is None else float(v[1]), str(v[2]))
+                for f, v in feature_labels(ws, record.sae_id).items()}
+
+
+@per_workspace_version(max_entries=256)
+def label_search(path: str, sae: str, text: str, limit: int = 20) -> list[tuple[int, str, float | None]]:
+    """(feature, label, score) whose label matches ``text``, best first; [] without labels."""
+    with _open(path) as ws:
+        if not _labels_stored(ws):
+            return []
+        from workbench.explanations import search_labels
+
+        record = resolve_sae(ws, sae)
+        return [(int(f), str(label), None if score is None else float(score))
+                for f, label, score in search_labels(ws, record.sae_id, text, int(limit))]
+
+
+def label_map(path: str, sae: str) -> dict[int, tuple[str, float | None, str]]:
+    """``labels`` for a page: a failure to read them is one error line, and the page goes on without them."""
+    return call(labels, path, sae, stop=False) or {}
+
+
+def feature_name(feature: int, labels_: dict, *, word: str = "feature") -> str:
+    """``feature 12 · its label`` (just ``feature 12`` without a label): how every page names a feature."""
+    entry = labels_.get(int(feature))
+    return f"{word} {feature} · {entry[0]}" if entry else f"{word} {feature}"
+
+
+# -- the Features page --------------------------------------------------------------------------
+MAP_LIMIT = 4096  # decoder directions laid out on the map at most (a seeded sample beyond)
+
+FEATURE_TABLE_SQL = """
+WITH fired AS (
+    SELECT a.feature, d.domain, count(*) AS n
+    FROM feature_acts a
+    JOIN tokens t ON t.context_id = a.context_id AND t.position = a.position
+    JOIN contexts c ON c.context_id = a.context_id
+    JOIN runs r ON r.run_id = c.run_id
+    JOIN documents d ON d.corpus_id = r.corpus_id AND d.doc_id = t.doc_id
+    WHERE a.sae_id = $sae
+    GROUP BY a.feature, d.domain
+), top AS (
+    SELECT feature, domain, n / sum(n) OVER (PARTITION BY feature) AS share,
+           row_number() OVER (PARTITION BY feature ORDER BY n DESC, domain) AS rk
+    FROM fired
+)
+SELECT s.feature, s.density, s.n_fired, s.mean_value, s.max_value, top.domain, top.share
+FROM feature_stats s LEFT JOIN top ON top.feature = s.feature AND top.rk = 1
+WHERE s.sae_id = $sae
+ORDER BY s.feature
+"""
+
+
+@per_workspace_version(max_entries=16, show_spinner="Reading every feature…")
+def feature_table(path: str, sae: str) -> dict[str, list]:
+    """Every feature of an analysed SAE, one query: id, density, firings, mean and max activation, and the
+    dominant domain (the corpus domain of the documents where most of its firings fall) with its share."""
+    from workbench.features import check_feature
+
+    with _open(path) as ws:
+        record = resolve_sae(ws, sae)
+        check_feature(ws, record, 0)  # analysed? (one line naming the command otherwise)
+        rows = ws.query(FEATURE_TABLE_SQL, {"sae": record.sae_id})
+    keys = ("feature", "density", "n_fired", "mean", "max", "domain", "domain_share")
+    return {k: [r[i] for r in rows] for i, k in enumerate(keys)}
+
+
+def _layout(directions, seed: int = 0):
+    """2-D coordinates of unit vectors: UMAP (cosine) when installed, else t-SNE (cosine) after PCA to 50 dims."""
+    import importlib.util
+
+    import numpy as np
+
+    n = len(directions)
+    if n < 4:  # too few points for a neighbour embedding: a line
+        return np.stack([np.arange(n, dtype=float), np.zeros(n)], axis=1), "index"
+    if importlib.util.find_spec("umap") is not None:
+        import umap
+
+        return umap.UMAP(n_components=2, metric="cosine", random_state=seed).fit_transform(directions), "UMAP"
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+    from threadpoolctl import threadpool_limits
+
+    x = directions
+    if x.shape[1] > 50 and n > 50:
+        x = PCA(n_components=50, random_state=seed).fit_transform(x)
+    perplexity = float(min(30.0, max(2.0, (n - 1) / 3)))
+    tsne = TSNE(n_components=2, perplexity=perplexity, metric="cosine", init="pca", max_iter=500, random_state=seed)
+    with threadpool_limits(1):  # OpenMP threads on a busy machine slow it down many times over (15 s → 0.5 s on 128)
+        return tsne.fit_transform(x), "t-SNE"
+
+
+@per_workspace_version(max_entries=8, show_spinner="Laying out the decoder directions…")
+def feature_map(path: str, sae: str, limit: int = MAP_LIMIT) -> dict:
+    """The SAE's unit decoder directions in 2-D, once per SAE and workspace version: ``features`` (ids laid
+    out, a seeded sample of ``limit`` when wider), ``x``, ``y``, ``width`` and ``method``."""
+    import numpy as np
+
+    import saes
+    from workbench.analysis import decoder_directions
+
+    with _open(path) as ws:
+        record = resolve_sae(ws, sae)
+    module = saes.load_sae(record.path, expected_d_in=record.d_in)
+    directions = decoder_directions(module).cpu().numpy().astype(np.float64)
+    width = len(directions)
+    ids = np.arange(width) if width <= limit else np.sort(np.random.default_rng(0).choice(width, int(limit), replace=False))
+    xy, method = _layout(directions[ids])
+    return {"features": ids.tolist(), "x": xy[:, 0].tolist(), "y": xy[:, 1].tolist(), "width": width, "method": method}
+
+
+@per_workspace_version(max_entries=256)
+def previews(path: str, sae: str, features: tuple[int, ...]) -> dict[int, object]:
+    """Each feature's strongest example (a short window) for one-line previews in search results."""
+    from workbench.features import examples
+
+    with _open(path) as ws:
+        record = resolve_sae(ws, sae)
+        out = {}
+        for f in features:
+            top = examples(ws, record, int(f), band=-1, window=8, limit=1)
+            if top:
+                out[int(f)] = top[0]
+        return out

@@ -132,38 +132,124 @@ def density_figure(densities: dict[str, list[float]]) -> go.Figure:
     return fig
 
 
-def prompt_heatmap(result: dict, max_features: int = 40) -> go.Figure:
-    """Tokens (x) × the features in any token's top list (y); cells are the top-list activations.
-
-    A cell is blank where the feature was not among that token's top features (it may still
-    have fired, more weakly). Features are ordered by their summed top-list activation.
-    """
-    tokens, features, values = result["tokens"], result["features"], result["values"]
-    totals: dict[int, float] = {}
-    for row_f, row_v in zip(features, values):
+def heatmap_order(result: dict) -> list[int]:
+    """Every feature in any token's top list, strongest first (largest activation, then summed activation, then id)."""
+    peak: dict[int, float] = {}
+    total: dict[int, float] = {}
+    for row_f, row_v in zip(result["features"], result["values"]):
         for f, v in zip(row_f, row_v):
             if v > 0:
-                totals[f] = totals.get(f, 0.0) + v
-    shown = sorted(totals, key=lambda f: -totals[f])[:max_features]
+                peak[f] = max(peak.get(f, 0.0), v)
+                total[f] = total.get(f, 0.0) + v
+    return sorted(peak, key=lambda f: (-peak[f], -total[f], f))
+
+
+def short(text: str, width: int = 40) -> str:
+    """One line of at most ``width`` characters (an ellipsis marks a cut)."""
+    text = " ".join(visible(text).split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def prompt_heatmap(result: dict, max_features: int = 40, labels: dict | None = None) -> go.Figure:
+    """Tokens (x) × the ``max_features`` strongest features in any token's top list (y, ``heatmap_order``).
+
+    A cell is blank where the feature was not among that token's top features (it may still have fired,
+    more weakly). Every filled cell also carries an invisible marker whose ``customdata`` is the feature id,
+    so a click on a cell selects it (the page opens that feature). ``labels``: feature -> (label, ...).
+    """
+    labels = labels or {}
+    tokens, features, values = result["tokens"], result["features"], result["values"]
+    shown = heatmap_order(result)[:max_features]
     index = {f: i for i, f in enumerate(shown)}
     z = [[None] * len(tokens) for _ in shown]
     for t, (row_f, row_v) in enumerate(zip(features, values)):
         for f, v in zip(row_f, row_v):
             if v > 0 and f in index:
                 z[index[f]][t] = v
-    labels = [visible(t) for t in tokens]
+    token_labels = [visible(t) for t in tokens]
+    rows = [str(f) for f in shown]
+    names = [f"{f} · {short(labels[f][0], 30)}" if f in labels else str(f) for f in shown]
     fig = go.Figure(go.Heatmap(
-        z=z, x=list(range(len(tokens))), y=[str(f) for f in shown], colorscale="Oranges", hoverongaps=False,
-        customdata=[labels for _ in shown],
-        hovertemplate="token %{x} %{customdata}<br>feature %{y}<br>activation %{z:.3f}<extra></extra>",
+        z=z, x=list(range(len(tokens))), y=rows, colorscale="Oranges", hoverongaps=False, hoverinfo="skip",
         colorbar=dict(title="activation"),
     ))
+    cells = [(t, i) for i in range(len(shown)) for t in range(len(tokens)) if z[i][t] is not None]
+    fig.add_scatter(
+        x=[t for t, _ in cells], y=[rows[i] for _, i in cells], mode="markers", showlegend=False, name="cells",
+        customdata=[shown[i] for _, i in cells],
+        text=[f"{token_labels[t]}<br>{names[i]}<br>activation {z[i][t]:.3f}" for t, i in cells],
+        hovertemplate="token %{x}: %{text}<br>(click to open the feature)<extra></extra>",
+        marker=dict(symbol="square", size=14, opacity=0), selected=dict(marker=dict(opacity=0)),
+        unselected=dict(marker=dict(opacity=0)),
+    )
     fig.update_layout(
         title="Top features on each token", height=max(300, 22 * len(shown) + 160), margin=dict(l=10, r=10, t=40, b=10),
-        xaxis=dict(tickmode="array", tickvals=list(range(len(tokens))), ticktext=labels, tickangle=-60, title="token"),
-        yaxis=dict(type="category", autorange="reversed", title="feature"),
+        xaxis=dict(tickmode="array", tickvals=list(range(len(tokens))), ticktext=token_labels, tickangle=-60, title="token"),
+        yaxis=dict(type="category", categoryorder="array", categoryarray=rows, autorange="reversed", title="feature",
+                   tickmode="array", tickvals=rows, ticktext=names),
+        clickmode="event+select", dragmode=False,
     )
     return fig
+
+
+def feature_map_figure(layout: dict, table: dict, labels: dict, colour: str = "density") -> tuple[go.Figure, list[list[int]]]:
+    """The decoder directions in 2-D (``cached.feature_map``), one marker per feature, coloured by log10 density
+    (``colour="density"``) or by dominant domain (``"domain"``); never-firing features are grey. Hover: id and
+    label. Returns the figure and each trace's feature ids (a selection's curve and point index -> feature)."""
+    row = {f: i for i, f in enumerate(table["feature"])}
+    ids = layout["features"]
+    x = dict(zip(ids, layout["x"]))
+    y = dict(zip(ids, layout["y"]))
+
+    def density(f: int) -> float:
+        return table["density"][row[f]] if f in row else 0.0
+
+    def label(f: int) -> str:
+        return labels[f][0] if f in labels else ""
+
+    groups: list[tuple[str, list[int]]] = []
+    live = [f for f in ids if density(f) > 0]
+    if colour == "domain":
+        domains: dict[str, list[int]] = {}
+        for f in live:
+            domains.setdefault(table["domain"][row[f]] or "no domain", []).append(f)
+        groups += sorted(domains.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+    else:
+        groups.append(("fired", live))
+    groups.append(("never fired", [f for f in ids if density(f) <= 0]))
+
+    fig = go.Figure()
+    traces = []
+    for name, members in groups:
+        if not members:
+            continue
+        marker: dict = dict(size=6, line=dict(width=0))
+        if name == "never fired":
+            marker.update(color="#bbbbbb")
+        elif colour != "domain":
+            marker.update(color=[math.log10(density(f)) for f in members], colorscale="Viridis", showscale=True,
+                          colorbar=dict(title="log10 density"))
+        fig.add_scatter(
+            x=[x[f] for f in members], y=[y[f] for f in members], mode="markers", name=name, marker=marker,
+            customdata=members, hovertext=[html.escape(short(label(f), 60)) for f in members],
+            hovertemplate="feature %{customdata}<br>%{hovertext}<extra></extra>",
+        )
+        traces.append(members)
+    fig.update_layout(
+        title=f"Decoder directions ({layout['method']})", height=560, margin=dict(l=10, r=10, t=40, b=10),
+        xaxis=dict(showticklabels=False, title=None, zeroline=False), yaxis=dict(showticklabels=False, title=None, zeroline=False),
+        legend=dict(orientation="h", y=-0.05), clickmode="event+select",
+    )
+    return fig, traces
+
+
+def preview_html(example, width: int = 8) -> str:
+    """A feature's strongest example as one short line: a few tokens around its own, that token highlighted."""
+    lo = max(0, example.focus - width)
+    tokens, values = example.tokens[lo: example.focus + 3], example.values[lo: example.focus + 3]
+    line = token_spans(tokens, values, example.value, example.focus - lo)
+    return ('<div class="wb-preview" style="font-family:ui-monospace,monospace;font-size:0.8rem;white-space:nowrap;'
+            f'overflow:hidden;text-overflow:ellipsis;color:#444">…{line}…</div>')
 
 
 # -- steering ----------------------------------------------------------------------------------------

@@ -37,6 +37,14 @@ if "sae" not in state or (state["sae"] is not None and state["sae"] not in names
     state["sae"] = state.get("_last_sae") if state.get("_last_sae") in names else names[0]
 if "feature" not in state:
     state["feature"] = state.get("_last_feature", 0)
+widths = {s["name"]: s["width"] for s in cached.call(cached.overview, path)["saes"]}
+
+
+def _clamp_feature() -> None:
+    """The sidebar's − and + stop at the first and last feature instead of stepping out of range."""
+    width = widths.get(state.get("sae"))
+    if width:
+        state["feature"] = min(max(int(state["feature"]), 0), width - 1)
 
 
 def _jump_to_id() -> None:
@@ -52,7 +60,8 @@ def _jump_to_id() -> None:
 
 with st.sidebar:
     sae = st.selectbox("SAE", names, key="sae", placeholder="choose an SAE")
-    feature_id = st.number_input("Feature id", key="feature", step=1, format="%d")
+    feature_id = st.number_input("Feature id", key="feature", step=1, format="%d", on_change=_clamp_feature,
+                                 help=f"0..{widths[sae] - 1}" if sae in widths else None)
 if url_problem or sae is None:
     if sae is None:
         st.info("Choose an SAE in the sidebar.")
@@ -64,29 +73,63 @@ state["_last_sae"], state["_last_feature"] = sae, feature_id
 st.query_params.update(sae=sae, feature=str(feature_id))
 state["_feature_url"] = (sae, str(feature_id))
 
+labels = cached.label_map(path, sae)
 st.title(f"Feature {feature_id}")
+if feature_id in labels:
+    label, score, explainer = labels[feature_id]
+    st.markdown(f'<div class="wb-label" style="font-size:1.25rem;font-weight:600">{render.escape(label)}</div>',
+                unsafe_allow_html=True)
+    st.caption(f"label by `{explainer}`" + (f" · score {score:.2f}" if score is not None else ""))
 st.caption(f"SAE `{sae}` · link: `?sae={sae}&feature={feature_id}`")
 
 # -- search --------------------------------------------------------------------------------------
+SEARCH_MODES = ["token regex", "label text", "feature id"]
+PLACEHOLDERS = {"token regex": "regular expression over token strings, e.g. ^ the$", "label text": "words of a label, e.g. python",
+                "feature id": "feature id, then Enter"}
+
+
+def show_results(found: list[tuple[int, str]], query: str) -> None:
+    """Search results: a link named by id and label, the numbers, and a one-line preview of the strongest example.
+    They collapse once one of them is opened (the feature shown is no longer the one the search started from)."""
+    key = (mode, query)
+    if state.get("_search_key") != key:
+        state["_search_key"], state["_search_from"] = key, feature_id
+    opened = state.get("_search_from") != feature_id
+    title = f"{len(found)} result{'s' if len(found) != 1 else ''} for '{query}'" + (" (opened one)" if opened else "")
+    shown = cached.call(cached.previews, path, sae, tuple(f for f, _ in found), stop=False) or {}
+    with st.expander(title, expanded=not opened):
+        for f, numbers in found:
+            link, detail = st.columns([2, 5])
+            with link:
+                st.page_link(FEATURE_PAGE, label=cached.feature_name(f, labels), query_params={"sae": sae, "feature": str(f)})
+            detail.caption(numbers)
+            if f in shown:
+                detail.markdown(render.preview_html(shown[f]), unsafe_allow_html=True)
+
+
 with st.container(border=True):
-    mode_col, text_col = st.columns([1, 3])
-    mode = mode_col.radio("Search by", ["token regex", "feature id"], key="search_mode", horizontal=True)
-    query = text_col.text_input(
-        "Search", key="search_text", on_change=_jump_to_id,
-        placeholder="regular expression over token strings, e.g. ^ the$" if mode == "token regex" else "feature id, then Enter",
-    )
+    mode_col, text_col = st.columns([1, 2])
+    mode = mode_col.radio("Search by", SEARCH_MODES, key="search_mode", horizontal=True)
+    query = text_col.text_input("Search", key="search_text", on_change=_jump_to_id, placeholder=PLACEHOLDERS[mode])
     if state.get("_search_error") and mode == "feature id":
         st.error(state["_search_error"])
     if mode == "token regex" and query:
         results = cached.call(cached.search, path, sae, query, stop=False)
         if results == []:
             st.info(f"No feature fires on a token matching '{query}'.")
-        for r in results or []:
-            link, numbers = st.columns([1, 4])
-            with link:
-                st.page_link(FEATURE_PAGE, label=f"feature {r['feature']}", query_params={"sae": sae, "feature": str(r["feature"])})
-            numbers.caption(f"F1 {r['f1']:.3f} · precision {r['precision']:.3f} · recall {r['recall']:.3f} "
-                            f"· fired on {r['n_fired']:,} tokens")
+        if results:
+            show_results([(r["feature"], f"F1 {r['f1']:.3f} · precision {r['precision']:.3f} · recall {r['recall']:.3f} "
+                                         f"· fired on {r['n_fired']:,} tokens") for r in results], query)
+    if mode == "label text" and query:
+        if not labels:
+            st.info(f"No feature labels stored for `{sae}`: `workbench explain --db {path} --sae {sae}` writes them.")
+        else:
+            hits = cached.call(cached.label_search, path, sae, query.strip(), 20, stop=False)
+            if hits == []:
+                st.info(f"No label contains '{query.strip()}'.")
+            if hits:
+                show_results([(f, "label score " + (f"{score:.2f}" if score is not None else "–")) for f, _, score in hits],
+                             query)
 
 # -- the feature ---------------------------------------------------------------------------------
 view = cached.call(cached.feature, path, sae, feature_id)
@@ -127,6 +170,10 @@ st.subheader("Quantile bands")
 st.caption("Activations cut into equal bands of (0, max]; a few tokens sampled from each.")
 bands = [(b, ex) for b, ex in view["bands"].items() if ex]
 n_bands = len(view["bands"])
+empty = sorted((b + 1 for b, ex in view["bands"].items() if not ex), reverse=True)
+if empty:  # a window is shown once per page: a band whose windows are all among the top examples stays empty
+    st.caption(f"No further windows in band{'s' if len(empty) > 1 else ''} {', '.join(map(str, empty))} of {n_bands}: "
+               "their tokens fired in windows shown above, or not at all.")
 for i, (b, ex) in enumerate(bands):
     low, high = vmax * b / n_bands, vmax * (b + 1) / n_bands
     with st.expander(f"band {b + 1} of {n_bands}: ({low:.3f}, {high:.3f}] · {len(ex)} examples", expanded=i == 0):
@@ -139,5 +186,6 @@ if not view["related"]:
 for r in view["related"]:
     link, numbers = st.columns([1, 4])
     with link:
-        st.page_link(FEATURE_PAGE, label=f"feature {r['feature']}", query_params={"sae": sae, "feature": str(r["feature"])})
+        st.page_link(FEATURE_PAGE, label=cached.feature_name(r["feature"], labels),
+                     query_params={"sae": sae, "feature": str(r["feature"])})
     numbers.caption(f"cosine {r['cosine']:.3f} · co-occurrence {r['cooccurrence']:.3f} · density {r['density']:.3%}")

@@ -30,6 +30,15 @@ if not names:
     st.stop()
 
 state = st.session_state
+# A run stopped early (an invalid Features entry, a bad spec) does not draw the strengths, the prompt or the
+# temperature, so the browser drops those widgets and draws them at their defaults on the next run, although the
+# server still holds their values. After such a run every kept value is written back through the session state,
+# which sends it to the browser with the widget again. ``_steer_finished`` is set at the very end of the page.
+BUTTONS = {"steer_generate", "steer_sweep", "steer_save", "steer_download"}  # their values cannot be written
+if state.get("_steer_finished") is False:
+    for kept in [k for k in state if isinstance(k, str) and k.startswith("steer_") and k not in BUTTONS]:
+        state[kept] = state[kept]
+state["_steer_finished"] = False
 
 # -- the URL sets the SAE and features when it changed (first load, a "steer with this" link) -----
 url = (st.query_params.get("sae"), st.query_params.get("feature"))
@@ -59,6 +68,7 @@ if len(ids) > MAX_FEATURES:
     st.stop()
 cached.call(cached.check_steering, path, SteeringSpec(tuple(Intervention(source=sae, index=i, unit="raw") for i in ids)).to_json())
 scales = cached.call(cached.feature_scales, path, sae)
+labels = cached.label_map(path, sae)
 
 
 def strength_slider(column, i: int, method: str, unit: str) -> float:
@@ -93,6 +103,8 @@ for i in ids:
         name_col, method_col, unit_col, strength_col = st.columns([1, 1, 1, 3])
         with name_col:
             st.markdown(f"**{'code' if record.arch == 'codebook' else 'feature'} {i}**")
+            if i in labels:
+                st.caption(render.escape(render.short(labels[i][0], 60)))
             st.page_link(FEATURE_PAGE, label="open feature", query_params={"sae": sae, "feature": str(i)})
         method = method_col.selectbox("method", methods, key=f"steer_method_{i}")
         unit, strength, mode = "raw", 0.0, None
@@ -180,3 +192,4 @@ if save_col.button("Save spec", key="steer_save"):
     if written is not None:
         st.success(f"Saved `{written}`. Reuse it with "
                    f"`workbench steer --db {shlex.quote(path)} --spec {shlex.quote(str(written))} --prompt ...`")
+state["_steer_finished"] = True

@@ -151,3 +151,37 @@ def test_steering_page_in_a_real_browser(served, browser, busiest_feature, tmp_p
     for expected in ("Baseline", "Steered", "Strength sweep", "Download spec", f'"index": {busiest_feature}'):
         assert expected in text
     assert "Traceback" not in text and "Error" not in text
+
+
+def test_features_page_in_a_real_browser(served, browser, tmp_path):
+    """The Features page draws its table and the map; a click on a map point opens that feature's page."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(f"{served}/Features?sae={SAE}")
+    wait = WebDriverWait(browser, 120, ignored_exceptions=(StaleElementReferenceException,))
+    wait.until(lambda d: d.find_elements(By.TAG_NAME, "h1") and d.find_element(By.TAG_NAME, "h1").text == "Features")
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '[data-testid="stDataFrame"]'))
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".js-plotly-plot .scatterlayer path.point")) >= 100)
+    time.sleep(0.5)
+    browser.save_screenshot(str(tmp_path / "features.png"))
+    text = browser.find_element(By.TAG_NAME, "body").text
+    for expected in ("Random live feature", "Map of decoder directions", "of 128 features", "t-SNE"):
+        assert expected in text
+    assert "Traceback" not in text and "Error" not in text
+
+    def click_a_point(driver) -> bool:
+        points = driver.find_elements(By.CSS_SELECTOR, ".js-plotly-plot .scatterlayer path.point")
+        if not points:
+            return False
+        point = points[len(points) // 2]
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", point)
+        ActionChains(driver).move_to_element(point).pause(0.3).click().perform()
+        return True
+
+    wait.until(click_a_point)
+    wait.until(lambda d: d.find_elements(By.TAG_NAME, "h1") and d.find_element(By.TAG_NAME, "h1").text.startswith("Feature "))
+    opened = browser.find_element(By.TAG_NAME, "h1").text.split()[1]
+    wait.until(lambda d: d.current_url.endswith(f"/Feature?sae={SAE}&feature={opened}"))

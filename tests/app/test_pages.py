@@ -73,7 +73,9 @@ def test_feature_page_from_url(app_workspace, busiest_feature, open_page):
     assert highlighted and all('class="wb-token"' in h and "background:rgba(255,145,0," in h for h in highlighted)
     assert any("outline:2px solid" in h for h in highlighted)  # the example's own token
     assert "\n" not in "".join(highlighted)  # newlines are drawn as ↵, never break the HTML block
-    assert any(e.label.startswith("band 10 of 10") for e in at.expander)
+    # the highest band is an expander, or (its windows all among the top examples) named as empty
+    assert any(e.label.startswith("band 10 of 10") for e in at.expander) or \
+        any("No further windows in band" in c.value and "10" in c.value.split(" of ")[0] for c in at.caption)
     related = page_links(at)
     assert related.pop("Steer with this") == f"sae={SAE}&feature={busiest_feature}"  # to the Steering page
     assert len(related) == 5 and all(q.startswith(f"sae={SAE}&feature=") for q in related.values())
