@@ -56,11 +56,17 @@ Version 8 lets a cache run keep its activations as Parquet shards (``workbench.s
     runs(..., store, store_url, chunk_contexts)     store 'duckdb' (rows of ``activations``) or 'parquet'
     shards(run_id, hook, chunk, path, n_contexts, bytes, rank)   the published shard files of a
                                                  parquet run; path relative to store_url
+
+Version 9 adds scored feature labels (``workbench explain``, ``workbench.explanations``)::
+
+    feature_explanations(sae_id, feature, explainer, label, detail, scores, examples, seed, created_at)
+                                                 one row per explainer ('pattern', 'hf:MODEL', 'openai:URL');
+                                                 detail, scores, examples: JSON
 """
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 # Migration N takes a workspace from version N-1 to N. Append, never edit.
 MIGRATIONS: dict[int, str] = {
@@ -409,6 +415,20 @@ MIGRATIONS: dict[int, str] = {
         bytes      BIGINT NOT NULL,
         rank       INTEGER NOT NULL,
         PRIMARY KEY (run_id, hook, chunk)
+    );
+    """,
+    9: """
+    CREATE TABLE feature_explanations (
+        sae_id     INTEGER,
+        feature    INTEGER,
+        explainer  VARCHAR,
+        label      VARCHAR NOT NULL,
+        detail     JSON,
+        scores     JSON,
+        examples   JSON,
+        seed       INTEGER,
+        created_at TIMESTAMP DEFAULT current_timestamp,
+        PRIMARY KEY (sae_id, feature, explainer)
     );
     """,
 }

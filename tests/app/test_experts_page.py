@@ -81,7 +81,7 @@ def v5_db(experts_db, tmp_path_factory) -> Path:
     finally:
         con.close()
     with Workspace(db) as ws:
-        assert ws.schema_version() == 8 and ws.query("SELECT count(*) FROM moe_purge") == [(0,)]
+        assert ws.schema_version() == 9 and ws.query("SELECT count(*) FROM moe_purge") == [(0,)]
         assert {tuple(r) for r in ws.query("SELECT DISTINCT grouping, budget FROM moe_selectivity")} == {("domain", "skew")}
     return db
 

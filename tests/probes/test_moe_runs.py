@@ -228,10 +228,14 @@ def test_a_schema_v5_run_is_migrated_and_still_shown(moe_db, moefied_run, main, 
     con.execute("DROP TABLE moe_correlation")
     for table in ("runs", "saes", "analyses"):  # v7's failure reasons
         con.execute(f"ALTER TABLE {table} DROP COLUMN error")
+    for column in ("store", "store_url", "chunk_contexts"):  # v8's Parquet store
+        con.execute(f"ALTER TABLE runs DROP COLUMN {column}")
+    con.execute("DROP TABLE shards")
+    con.execute("DROP TABLE feature_explanations")  # v9
     con.execute("UPDATE schema_version SET version = 5")
     con.close()
     with Workspace(db) as ws:  # a writer migrates
-        assert ws.schema_version() == 8
+        assert ws.schema_version() == 9
         rows = moe_records.selectivity(ws, moefied_run[0])
         assert rows and {(r["grouping"], r["budget"]) for r in rows} == {("domain", "skew")}
         assert moe_records.purge(ws, moefied_run[0]) == []

@@ -121,7 +121,7 @@ def test_an_older_schema_is_migrated_by_the_next_write(existing, capsys):
                   "moe_experts", "moe_mass", "moe_groups", "moe_runs",
                   "sparsity_fits", "sparsity_curve", "sparsity_layers", "sparsity_measurements",
                   "feature_related", "feature_logits", "feature_examples", "feature_stats", "feature_acts",
-                  "analyses", "training_log", "saes", "shards"):
+                  "analyses", "training_log", "saes", "shards", "feature_explanations"):
         con.execute(f"DROP TABLE {table}")
     for sequence in ("sae_ids", "sparsity_ids", "moe_run_ids", "probe_run_ids"):
         con.execute(f"DROP SEQUENCE {sequence}")
@@ -133,7 +133,7 @@ def test_an_older_schema_is_migrated_by_the_next_write(existing, capsys):
     assert "open it once for writing" in run_bad(["info", "--db", str(existing)], capsys)
     assert main([*BASE, "--db", str(existing)]) == 0  # a writer migrates it
     with Workspace(existing, read_only=True) as ws:
-        assert ws.schema_version() == SCHEMA_VERSION == 8 and ws.query("SELECT count(*) FROM saes") == [(0,)]
+        assert ws.schema_version() == SCHEMA_VERSION == 9 and ws.query("SELECT count(*) FROM saes") == [(0,)]
         assert ws.query("SELECT count(*) FROM moe_runs") == ws.query("SELECT count(*) FROM probe_results") == [(0,)]
 
 

@@ -36,6 +36,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                 "core:configure_analyze", "workbench analyze --db ws.duckdb --sae demo-topk"),
     "steer": ("generate with and without steering an SAE feature; print both and the measured effect", "steer:configure",
               'workbench steer --db ws.duckdb --sae demo-topk --feature 464 --strength 4 --prompt "The"'),
+    "explain": ("label every feature of an analysed SAE and score the label on held-out text (resumable)", "explain:configure",
+                "workbench explain --db ws.duckdb --sae demo-topk --features 0-99 --explainer pattern"),
     "sparsity": ("activation sparsity of MLP neurons: CETT / PPL-p%, exact zeros, law fits", "sparsity:configure",
                  "workbench sparsity measure --db ws.duckdb --tokens 8192 --p 1"),
     "moe": ("MoE expert monosemanticity: router capture, MoEfication, masking, vs SAE latents and neurons",
@@ -132,9 +134,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except Exception as err:
-        from workbench.distributed import PeerFailed
+        from workbench.distributed import PeerFailed, RankFailed, world
 
-        if isinstance(err, PeerFailed):  # rank 0 of this torchrun job prints the line
+        if isinstance(err, PeerFailed) or (isinstance(err, RankFailed) and world()[0] != 0):  # rank 0 prints the line
+            return err.status
+        if isinstance(err, RankFailed):
+            print(f"workbench: error: {err}", file=sys.stderr)
             return err.status
         outcome = report(err)
         if outcome.bug and os.environ.get("WORKBENCH_DEBUG"):

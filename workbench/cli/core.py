@@ -252,7 +252,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     db: Path = args.db
     db.parent.mkdir(parents=True, exist_ok=True)
     print(f"default workspace {db}: {DEMO['model']}, corpus {DEMO['corpus']}, {DEMO['tokens']:,} tokens at "
-          f"{DEMO['hook']}, a TopK SAE ({DEMO_SAE['width']} latents, k={DEMO_SAE['k']}); finished steps are reused",
+          f"{DEMO['hook']}, a TopK SAE ({DEMO_SAE['width']} latents, k={DEMO_SAE['k']}) with a pattern label per feature; "
+          "finished steps are reused",
           file=sys.stderr)
     if not _demo_cached(db):
         from workbench.caching import run_cache
@@ -274,6 +275,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
             from workbench.analysis import analyze
 
             analyze(ws, DEMO_SAE["name"], model=model_for_run(ws, DEMO["hook"], None, args), device=args.device)
+        from workbench.explanations import PATTERN, explain
+        from workbench.workspace import resolve_sae
+
+        record = resolve_sae(ws, DEMO_SAE["name"])  # a pattern label for every feature (resumable; no model)
+        explain(ws, record, list(range(record.width)), explainer=PATTERN)
     with Workspace(db, read_only=True) as ws:
         print(workspace_summary(ws))
     if not args.no_serve:
