@@ -20,6 +20,27 @@ import time
 from pathlib import Path
 
 
+def page_latency(db: Path, sae: str, pages: int) -> list[float]:
+    """Seconds (sorted) of one feature page's queries — summary and histogram, top examples, every
+    quantile band, logit effects, related features — for ``pages`` random live features."""
+    from workbench import features
+    from workbench.workspace import Workspace, resolve_sae
+
+    with Workspace(db, read_only=True) as ws:
+        record = resolve_sae(ws, sae)
+        live = [f for (f,) in ws.query("SELECT feature FROM feature_stats WHERE sae_id = ? AND n_fired > 0", [record.sae_id])]
+        timings = []
+        for feature in random.Random(0).sample(live, min(pages, len(live))):
+            t0 = time.perf_counter()
+            features.feature_summary(ws, record, feature)
+            features.examples(ws, record, feature, band=-1)
+            features.examples(ws, record, feature, band=None, limit=100)
+            features.logit_effects(ws, record, feature)
+            features.related_features(ws, record, feature)
+            timings.append(time.perf_counter() - t0)
+    return sorted(timings)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--db", type=Path, default=Path("workspaces/store.duckdb"))
@@ -32,13 +53,12 @@ def main() -> None:
     args = parser.parse_args()
 
     import saes
-    from workbench import features
     from workbench.analysis import analyze
     from workbench.caching import run_cache
     from workbench.cli import quiet_third_party
     from workbench.cli.core import model_for_run
     from workbench.training import train_sae
-    from workbench.workspace import Workspace, resolve_sae
+    from workbench.workspace import Workspace
 
     quiet_third_party()
     args.db.parent.mkdir(parents=True, exist_ok=True)
@@ -63,19 +83,7 @@ def main() -> None:
         store_bytes = copy.stat().st_size
         copy.unlink()
 
-    with Workspace(args.db, read_only=True) as ws:
-        record = resolve_sae(ws, name)
-        live = [f for (f,) in ws.query("SELECT feature FROM feature_stats WHERE sae_id = ? AND n_fired > 0", [record.sae_id])]
-        timings = []
-        for feature in random.Random(0).sample(live, min(args.pages, len(live))):
-            t0 = time.perf_counter()
-            features.feature_summary(ws, record, feature)
-            features.examples(ws, record, feature, band=-1)
-            features.examples(ws, record, feature, band=None, limit=100)
-            features.logit_effects(ws, record, feature)
-            features.related_features(ws, record, feature)
-            timings.append(time.perf_counter() - t0)
-    timings.sort()
+    timings = page_latency(args.db, name, args.pages)
     p95 = timings[int(0.95 * (len(timings) - 1))]
     print(f"{args.model} {args.hook}: {summary.n_tokens:,} analysed tokens, {summary.n_nonzeros:,} nonzeros, "
           f"SAE width {args.width}, k {args.k}")

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shutil
 import statistics
 import subprocess
@@ -116,25 +115,6 @@ def training_rate(db: Path, name: str) -> float:
     return float(json.loads(line)["tokens_per_s"])
 
 
-def page_latency(db: Path, sae: str, pages: int) -> list[float]:
-    from workbench import features
-    from workbench.workspace import Workspace, resolve_sae
-
-    with Workspace(db, read_only=True) as ws:
-        record = resolve_sae(ws, sae)
-        live = [f for (f,) in ws.query("SELECT feature FROM feature_stats WHERE sae_id = ? AND n_fired > 0", [record.sae_id])]
-        timings = []
-        for feature in random.Random(0).sample(live, min(pages, len(live))):
-            t0 = time.perf_counter()
-            features.feature_summary(ws, record, feature)
-            features.examples(ws, record, feature, band=-1)
-            features.examples(ws, record, feature, band=None, limit=100)
-            features.logit_effects(ws, record, feature)
-            features.related_features(ws, record, feature)
-            timings.append(time.perf_counter() - t0)
-    return sorted(timings)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=10_000_000)
@@ -149,6 +129,7 @@ def main() -> None:
     args = parser.parse_args()
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_feature_store import page_latency
     from bench_loader import random_llama
 
     out = args.out.resolve()
