@@ -34,10 +34,11 @@ def cmd_cache(args: argparse.Namespace) -> None:
     summary = cache(args.db, config_from(args, CacheRequest), device=args.device, model_dtype=args.model_dtype)
     if summary is None:  # a rank other than 0 under torchrun: rank 0 reports
         return
-    from workbench.data import load_corpus
-    from workbench.data.corpus import corpus_report
+    if args.corpus.split(":")[0] == "stdlib":  # the built-in corpus is built once per process: its report costs nothing
+        from workbench.data import load_corpus
+        from workbench.data.corpus import corpus_report
 
-    print(corpus_report(load_corpus(args.corpus)))  # loaded once per process: no second build
+        print(corpus_report(load_corpus(args.corpus)))
     print(
         f"run {summary.run_id}: {summary.n_contexts} contexts, {summary.n_tokens:,} tokens at "
         f"{', '.join(summary.hooks)} ({summary.bytes_per_token:.0f} bytes per token and hook); "
