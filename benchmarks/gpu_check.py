@@ -243,20 +243,26 @@ def peak(device: torch.device) -> float:
 
 
 # -- (d) loader into the device -----------------------------------------------------------------
-def loader(device: torch.device, s: Shapes, out: dict, tmp: Path):
-    from bench_loader import synthetic_workspace  # the loader benchmark's own builder
-
+def loader_rate(db: Path, batch: int, device: torch.device) -> float:
+    """Rows/s of one epoch of the workspace's first cached hook into ``device`` (either store)."""
     from workbench.activations import iter_activations
     from workbench.workspace import Workspace
 
-    db = synthetic_workspace(tmp / "loader.duckdb", d=s.loader_d, tokens=s.loader_tokens, ctx=s.ctx)
     with Workspace(db, read_only=True) as ws:
         hook = ws.cached_hooks()[0][2]
         rows, started = 0, time.perf_counter()
-        for batch in iter_activations(ws, hook, s.batch, device=device):
-            rows += batch.shape[0]
+        for x in iter_activations(ws, hook, batch, device=device):
+            rows += x.shape[0]
         sync(device)
-        rate = rows / (time.perf_counter() - started)
+        return rows / (time.perf_counter() - started)
+
+
+def loader(device: torch.device, s: Shapes, out: dict, tmp: Path):
+    from bench_loader import synthetic_workspace  # the loader benchmark's own builder
+
+
+    db = synthetic_workspace(tmp / "loader.duckdb", d=s.loader_d, tokens=s.loader_tokens, ctx=s.ctx)
+    rate = loader_rate(db, s.batch, device)
     need = out.get("trainer_tokens_per_s")
     figure = f"{rate / 1e3:,.0f} K rows/s at d {s.loader_d} into {device}" + (
         f", {rate / need:.2f}x the trainer's {need / 1e3:,.0f} K tok/s" if need else "")
@@ -305,21 +311,14 @@ def steering(device: torch.device, s: Shapes, tmp: Path):
 def shard_store(device: torch.device, s: Shapes, out: dict, tmp: Path):
     from bench_loader import random_llama
 
-    from workbench.activations import iter_activations
     from workbench.caching import run_cache
-    from workbench.workspace import Workspace
 
     lm = random_llama(tmp / "shard-lm", s.llama_d, 2)
     db, started = tmp / "shards.duckdb", time.perf_counter()
     run_cache(db=db, model=str(lm), hooks=[HOOK], corpus="stdlib", tokens=s.cache_tokens, ctx=s.ctx, batch=32, device=str(device),
               progress=False, store="parquet", commit_contexts=256)
     cached = s.cache_tokens / (time.perf_counter() - started)
-    with Workspace(db, read_only=True) as ws:
-        rows, started = 0, time.perf_counter()
-        for batch in iter_activations(ws, HOOK, s.batch, device=device):
-            rows += batch.shape[0]
-        sync(device)
-        rate = rows / (time.perf_counter() - started)
+    rate = loader_rate(db, s.batch, device)
     need = out.get("trainer_tokens_per_s")
     figure = (f"cache into shards {cached / 1e3:,.1f} K tok/s (model load included), loader from shards {rate / 1e3:,.0f} K rows/s "
               f"at d {s.llama_d} into {device}" + (f", {rate / need:.2f}x the trainer's {need / 1e3:,.0f} K tok/s" if need else ""))
