@@ -109,6 +109,18 @@ def sae_names(path: str) -> list[str]:
     return [s["name"] for s in overview(path)["saes"] if s["status"] == "done"]
 
 
+def sae_names_or_stop(path: str, next_step: str, *, title: str | None = None) -> list[str]:
+    """``sae_names``; a workspace without a finished SAE gets a note naming ``next_step`` (after ``title``,
+    when the page draws its own title later) and the page stops there."""
+    names = call(sae_names, path)
+    if not names:
+        if title:
+            st.title(title)
+        st.info(f"No trained SAE in this workspace yet: {next_step}.")
+        st.stop()
+    return names
+
+
 @per_workspace_version(max_entries=256)
 def resolve(path: str, ref: str):
     """``SAERecord`` by name or id; ``AnalysisError`` lists the available SAEs."""
@@ -395,7 +407,7 @@ def previews(path: str, sae: str, features: tuple[int, ...]) -> dict[int, object
         record = resolve_sae(ws, sae)
         out = {}
         for f in features:
-            top = examples(ws, record, int(f), band=-1, window=8, limit=1)
+            top = examples(ws, record, int(f), band=-1, before=8, after=4, limit=1)
             if top:
                 out[int(f)] = top[0]
         return out

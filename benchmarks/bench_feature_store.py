@@ -57,6 +57,7 @@ def main() -> None:
     from workbench.caching import run_cache
     from workbench.cli import quiet_third_party
     from workbench.cli.core import model_for_run
+    from workbench.safety import sql_string
     from workbench.training import train_sae
     from workbench.workspace import Workspace
 
@@ -68,7 +69,7 @@ def main() -> None:
         if not ws.query("SELECT count(*) FROM saes WHERE name = ? AND status = 'done'", [name])[0][0]:
             train_sae(ws, args.hook, dict(arch="topk", width=args.width, k=args.k),
                       saes.TrainConfig(total_tokens=2_000_000, batch_size=4096, bf16_autocast=True), name=name)
-        model = model_for_run(ws, args.hook, None, "cpu")
+        model = model_for_run(ws, args.hook, None, argparse.Namespace(device="cpu", model_dtype=None))
         ws.con.execute("DELETE FROM analyses WHERE sae_id = (SELECT sae_id FROM saes WHERE name = ?)", [name])
         start = time.perf_counter()
         summary = analyze(ws, name, model=model)
@@ -76,7 +77,7 @@ def main() -> None:
         # Bytes of the nonzero store alone: copy it into a fresh database file and measure that.
         copy = args.db.with_name(args.db.stem + "-store-size.duckdb")
         copy.unlink(missing_ok=True)
-        ws.con.execute(f"ATTACH '{copy}' AS sized")
+        ws.con.execute(f"ATTACH {sql_string(str(copy))} AS sized")
         ws.con.execute("CREATE TABLE sized.feature_acts AS SELECT * FROM feature_acts WHERE sae_id = ? ORDER BY context_id, position",
                        [summary.sae_id])
         ws.con.execute("DETACH sized")

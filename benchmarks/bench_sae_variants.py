@@ -39,7 +39,7 @@ def main() -> None:
     args.db.parent.mkdir(parents=True, exist_ok=True)
     run_cache(db=args.db, model=MODEL, hooks=[HOOK], corpus="stdlib", tokens=args.cache_tokens, ctx=128)
     with Workspace(args.db) as ws:
-        model = model_for_run(ws, HOOK, None, "cpu")
+        model = model_for_run(ws, HOOK, None, argparse.Namespace(device="cpu", model_dtype=None))
         done = {row["name"] for row in trained_saes(ws) if row["status"] == "done"}
         for k in args.ks:
             for arch in args.archs:

@@ -50,8 +50,8 @@ from workbench.training import run_device
 from workbench.workspace import SAERecord, Workspace, fetch_one, resolve_sae
 
 HIST_BINS, N_TOP, N_BANDS, PER_BAND, N_LOGITS, N_RELATED = 30, 20, 10, 5, 10, 5
-# The window a feature page shows around an example's token (features.examples' default window=12: 12 tokens
-# before, 12 // 2 after); a feature's examples are distinct by the token ids of this window.
+# The window a feature page shows around an example's token (the default of features.examples); a feature's
+# examples are distinct by the token ids of this window.
 WINDOW_BEFORE, WINDOW_AFTER = 12, 6
 _OVERSAMPLE = 4  # example candidates fetched per kept example; more are fetched for a feature that runs short
 ENCODE_ELEMENTS = 1 << 25  # dense latents per encode chunk: ~6 [rows, width] temporaries of ≤ 128 MiB, < 1 GiB on the device

@@ -4,6 +4,7 @@
 
     DIR/batch-0.json, batch-1.json, ...   {model_id, layer, sae_set, sae_id_suffix, features: [...]}
     DIR/skipped_indexes.json              the selected features that never fired (dead), left out of the batches
+    DIR/explanations.json                 the exported features' labels (`workbench explain`), one row per explainer
     DIR/run_settings.json                 what was exported, from which workspace, by which workbench version
 
 Each entry of ``features`` has the keys of SAEDashboard's ``NeuronpediaDashboardFeature`` (no
@@ -13,7 +14,14 @@ filled from the workspace's feature store: the top examples and the quantile-ban
 density histogram, the promoted and suppressed tokens, and the decoder-nearest features. What
 the workspace does not compute (neuron alignment, activation-correlated neurons, the histogram of
 logit effects over the whole vocabulary, decoder weight distribution over heads) stays an empty
-list. The workspace stores no explanations, so there are none to export.
+list.
+
+SAEDashboard's feature dict has no field for explanations, so labels go to their own file, one row
+per (feature, explainer) in the fields of Neuronpedia's explanation export: ``modelId``, ``layer``
+(Neuronpedia's source id, ``LAYER-SAE_SET``), ``index`` (a string), ``description`` (the label),
+``typeName`` (``workbench-EXPLAINER``), ``explanationModelName`` (the explainer: ``pattern``, or the
+model the label came from), ``scoreV1`` (the headline score: held-out F1 for ``pattern``, the mean of
+the detection and fuzzing scores for a judged LLM label; null when unscored), plus ``scores`` with every score stored.
 
 ``--format saedashboard`` names the same files: SAEDashboard's Neuronpedia runner output is the
 data SAEDashboard produces for viewers outside its own HTML pages, so the two names are aliases.
@@ -125,11 +133,30 @@ def export_features(ws: Workspace, sae_ref: str | int, out_dir: str | Path, *, f
         (out / f"batch-{index}.json").write_text(json.dumps(document))
     skipped = {"model_id": model, "layer": str(header["layer"]), "sae_set": sae.name, "log_sparsity": None, "skipped_indexes": dead}
     (out / "skipped_indexes.json").write_text(json.dumps(skipped))
+    labels = _explanations(ws, sae, model, f"{header['layer']}-{sae.name}", live)
+    (out / "explanations.json").write_text(json.dumps(labels))
     settings = {"workbench_version": workbench_version(), "workspace": ws.path.name, "sae": sae.name, "sae_id": sae.sae_id,
                 "hook": sae.hook, "width": sae.width, "format": fmt, "features": _ranges(selected),
-                "n_features": len(live), "n_skipped": len(dead), "n_features_per_batch": batch_size, "n_batches": len(batches)}
+                "n_features": len(live), "n_skipped": len(dead), "n_features_per_batch": batch_size, "n_batches": len(batches),
+                "n_explanations": len(labels)}
     (out / "run_settings.json").write_text(json.dumps(settings, indent=2))
     return FeatureExportSummary(out, sae.name, fmt, len(live), len(dead), len(batches))
+
+
+def _explanations(ws: Workspace, sae: SAERecord, model: str, source: str, features: list[int]) -> list[dict]:
+    """The stored labels of ``features`` as rows of Neuronpedia's explanation export (see the module docstring)."""
+    rows = ws.query(
+        """SELECT feature, explainer, label, scores FROM feature_explanations
+           WHERE sae_id = ? AND feature IN (SELECT unnest(?::INTEGER[])) ORDER BY feature, explainer""",
+        [sae.sae_id, features],
+    )
+    out = []
+    for feature, explainer, label, scores in rows:
+        scores = json.loads(scores) if scores else {}
+        out.append({"modelId": model, "layer": source, "index": str(feature), "description": label,
+                    "typeName": f"workbench-{explainer.split(':', 1)[0]}", "explanationModelName": explainer,
+                    "scoreV1": scores.get("headline"), "scores": scores})
+    return out
 
 
 def _ranges(ids: list[int]) -> list[list[int]]:

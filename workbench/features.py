@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import duckdb
 import torch
 
-from workbench.analysis import HIST_BINS, AnalysisError
+from workbench.analysis import HIST_BINS, WINDOW_AFTER, WINDOW_BEFORE, AnalysisError
 from workbench.workspace import SAERecord, Workspace, fetch_one
 
 
@@ -63,8 +63,10 @@ def _token_strings(ws: Workspace, sae: SAERecord, token_ids: list[int]) -> list[
     return [rows.get(t, f"<{t}>") for t in token_ids]
 
 
-def examples(ws: Workspace, sae: SAERecord, feature: int, *, band: int | None = -1, window: int = 12, limit: int = 20) -> list[Example]:
-    """Top examples (``band=-1``), one quantile band (0 = weakest), or all bands (``None``)."""
+def examples(ws: Workspace, sae: SAERecord, feature: int, *, band: int | None = -1, before: int = WINDOW_BEFORE,
+             after: int = WINDOW_AFTER, limit: int = 20) -> list[Example]:
+    """Top examples (``band=-1``), one quantile band (0 = weakest), or all bands (``None``), each with ``before``
+    tokens of context before its token and ``after`` after (by default the window the examples are distinct by)."""
     check_feature(ws, sae, feature)
     band_sql = "" if band is None else "AND band = ?"
     params = [sae.sae_id, feature] + ([] if band is None else [band]) + [limit]
@@ -94,7 +96,7 @@ def examples(ws: Workspace, sae: SAERecord, feature: int, *, band: int | None = 
     out = []
     for cid, pos, value, b in picked:
         row = by_context[cid]
-        start, stop = max(0, pos - window), min(len(row), pos + window // 2 + 1)
+        start, stop = max(0, pos - before), min(len(row), pos + after + 1)
         out.append(Example(
             context_id=cid, position=pos, value=value, band=b,
             tokens=[strings[t] for t in row[start:stop]],

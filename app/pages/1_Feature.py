@@ -9,11 +9,7 @@ FEATURE_PAGE = "pages/1_Feature.py"
 STEERING_PAGE = "pages/4_Steering.py"
 
 path = cached.workspace_path()
-names = cached.call(cached.sae_names, path)
-if not names:
-    st.title("Feature")
-    st.info("No trained SAE in this workspace yet: train one with `workbench train`, then `workbench analyze`.")
-    st.stop()
+names = cached.sae_names_or_stop(path, "train one with `workbench train`, then `workbench analyze`", title="Feature")
 
 state = st.session_state
 

@@ -16,10 +16,7 @@ st.title("Features")
 FEATURE_PAGE = "pages/1_Feature.py"
 
 path = cached.workspace_path()
-names = cached.call(cached.sae_names, path)
-if not names:
-    st.info("No trained SAE in this workspace yet: train one with `workbench train`, then `workbench analyze`.")
-    st.stop()
+names = cached.sae_names_or_stop(path, "train one with `workbench train`, then `workbench analyze`")
 
 state = st.session_state
 wanted = st.query_params.get("sae")

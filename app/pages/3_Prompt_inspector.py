@@ -12,10 +12,7 @@ MAX_LINKS = 36  # "open a feature" links
 DEFAULT_PROMPT = "The Python Software Foundation License permits copying and modifying the software.\nfor line in open(path):"
 
 path = cached.workspace_path()
-names = cached.call(cached.sae_names, path)
-if not names:
-    st.info("No trained SAE in this workspace yet: train one with `workbench train`.")
-    st.stop()
+names = cached.sae_names_or_stop(path, "train one with `workbench train`")
 
 wanted = st.query_params.get("sae")
 sae = st.selectbox("SAE", names, index=names.index(wanted) if wanted in names else 0)

@@ -24,10 +24,7 @@ DEFAULT_PROMPT = "The most important thing to remember is"
 MAX_FEATURES = 8
 
 path = cached.workspace_path()
-names = cached.call(cached.sae_names, path)
-if not names:
-    st.info("No trained SAE in this workspace yet: train one with `workbench train`.")
-    st.stop()
+names = cached.sae_names_or_stop(path, "train one with `workbench train`")
 
 state = st.session_state
 # A run stopped early (an invalid Features entry, a bad spec) does not draw the strengths, the prompt or the

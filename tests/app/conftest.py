@@ -20,6 +20,7 @@ HOME = APP / "Home.py"
 PAGES = {
     "home": None,
     "feature": "pages/1_Feature.py",
+    "features": "pages/1_Features.py",
     "compare": "pages/2_Compare_SAEs.py",
     "prompt": "pages/3_Prompt_inspector.py",
     "steering": "pages/4_Steering.py",

@@ -55,6 +55,21 @@ def test_missing_workbench_db_is_one_error_line(open_page, monkeypatch):
     assert errors(at) == ["WORKBENCH_DB is not set: start the browser with `workbench app --db WORKSPACE`"]
 
 
+@pytest.mark.parametrize("page", ["feature", "features", "compare", "prompt", "steering"])
+def test_pages_of_a_workspace_without_saes_say_what_to_run(page, open_page, tmp_path):
+    from workbench.workspace import Workspace
+
+    db = tmp_path / "empty.duckdb"
+    with Workspace(db):
+        pass
+    at = open_page(db, page)
+    no_exception(at)
+    assert not errors(at)
+    notes = [i.value for i in at.info]
+    assert len(notes) == 1 and notes[0].startswith("No trained SAE in this workspace yet: train") and "`workbench train`" in notes[0]
+    assert len(at.title) == 1
+
+
 # -- Feature -------------------------------------------------------------------------------------
 def test_feature_page_from_url(app_workspace, busiest_feature, open_page):
     at = open_page(app_workspace, "feature", sae=SAE, feature=busiest_feature)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -42,31 +41,9 @@ def built(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def ws(built, tmp_path, monkeypatch) -> Path:
+def ws(built, private_copy) -> Path:
     """A private copy of the built workspace (file and weights folder); the test runs inside tmp_path."""
-    home = tmp_path / "home"
-    home.mkdir()
-    shutil.copy(built, home / built.name)
-    shutil.copytree(built.with_suffix(".saes"), home / built.with_suffix(".saes").name)
-    monkeypatch.chdir(tmp_path)
-    return home / built.name
-
-
-def files_under(root: Path) -> set[str]:
-    return {str(p.relative_to(root)) for p in root.rglob("*")}
-
-
-def expect_one_line(argv: list[str], capsys, status: int = BAD_INPUT) -> str:
-    """Bad input: stderr is exactly one line. A job that failed midway may have drawn progress
-    bars first; its error is then the last line."""
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == status, err
-    assert "Traceback" not in err, err
-    if status == FAILURE:
-        err = err.splitlines()[-1]
-    assert err.startswith("workbench: error: ") and "\n" not in err, err
-    return err
+    return private_copy(built)
 
 
 def bad_sae_dir(root: Path, *, width: int, real_width: int = 96) -> Path:
@@ -146,7 +123,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_input_is_one_line_and_changes_nothing(case, ws, tmp_path, capsys, table_digest):
+def test_bad_input_is_one_line_and_changes_nothing(case, ws, tmp_path, capsys, table_digest, expect_one_line, files_under):
     argv, phrase = CASES[case]
     places = {"{db}": str(ws), "{tmp}": str(tmp_path), "{deep}": str(nested_json(tmp_path)),
               "{claims-1000000000000}": str(bad_sae_dir(tmp_path, width=10**12)),
@@ -172,7 +149,7 @@ def test_export_writes_only_into_the_named_folder_whatever_its_name(ws, tmp_path
     assert table_digest(ws) == before
 
 
-def test_a_database_that_is_not_a_workspace_is_refused(tmp_path, capsys, table_digest):
+def test_a_database_that_is_not_a_workspace_is_refused(tmp_path, capsys, table_digest, expect_one_line):
     import duckdb
 
     other = tmp_path / "other.duckdb"
@@ -186,7 +163,7 @@ def test_a_database_that_is_not_a_workspace_is_refused(tmp_path, capsys, table_d
     assert table_digest(other) == before
 
 
-def test_a_read_only_folder_is_refused_before_any_work(ws, capsys, table_digest):
+def test_a_read_only_folder_is_refused_before_any_work(ws, capsys, table_digest, expect_one_line):
     folder = ws.parent
     if os.geteuid() == 0:  # root ignores permission bits: make the folder immutable instead
         if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
@@ -218,7 +195,7 @@ def test_invalid_utf8_bytes_from_a_real_shell(ws, tmp_path):
     assert err == "workbench: error: --prompt is not valid UTF-8 text"
 
 
-def test_a_job_that_fails_is_recorded_failed_and_resumes(ws, capsys, monkeypatch):
+def test_a_job_that_fails_is_recorded_failed_and_resumes(ws, capsys, monkeypatch, expect_one_line):
     """Disk full in the middle of `analyze`: one line saying so, the row says failed with the
     reason (and `info` shows it), and the same command resumes to the uninterrupted result."""
     import workbench.analysis as analysis
@@ -251,7 +228,7 @@ def test_a_job_that_fails_is_recorded_failed_and_resumes(ws, capsys, monkeypatch
         assert w.query("SELECT * FROM feature_acts ORDER BY ALL") == expected
 
 
-def test_a_failed_training_is_recorded_and_the_rerun_resumes(ws, capsys, monkeypatch):
+def test_a_failed_training_is_recorded_and_the_rerun_resumes(ws, capsys, monkeypatch, expect_one_line):
     import workbench.training as training
 
     argv = ["train", "--db", str(ws), "--hook", HOOK, "--width", "96", "--k", "4", "--tokens", "2048",
@@ -292,7 +269,7 @@ def test_report_gives_one_line_for_every_kind_of_failure(err, status, phrase):
     (["probe", "--db", "{db}", "--sae", SAE, "--texts", "hf:imdb"], "cannot load Hugging Face dataset 'imdb'"),
 ])
 @pytest.mark.parametrize("offline", ["HF_HUB_OFFLINE", "closed port"])
-def test_an_unreachable_hub_fails_fast_with_one_line(argv, phrase, offline, ws, capsys, monkeypatch, table_digest):
+def test_an_unreachable_hub_fails_fast_with_one_line(argv, phrase, offline, ws, capsys, monkeypatch, table_digest, expect_one_line):
     """Offline, a hub name is one line at once (no retries), whether the user said so or the
     connection is refused."""
     import time
@@ -316,7 +293,7 @@ def test_an_unreachable_hub_fails_fast_with_one_line(argv, phrase, offline, ws, 
     assert table_digest(ws) == before
 
 
-def test_disk_full_while_caching_keeps_whole_batches_and_resumes(tmp_path, capsys, monkeypatch):
+def test_disk_full_while_caching_keeps_whole_batches_and_resumes(tmp_path, capsys, monkeypatch, expect_one_line):
     import workbench.caching as caching
 
     argv = ["cache", "--model", "tiny-llama", "--hook", HOOK, "--tokens", "2048", "--ctx", "32", "--batch", "16",

@@ -286,6 +286,26 @@ def test_saedashboard_format_is_the_same_files(built, tmp_path):
     assert sum(len(b["features"]) for b in every) + len(dead) == 96
 
 
+def test_labels_are_exported_beside_the_batches(built, tmp_path):
+    """`explanations.json` holds one row per stored label of an exported feature, in Neuronpedia's fields."""
+    db = tmp_path / "labelled.duckdb"
+    db.write_bytes(built.read_bytes())
+    assert main(["explain", "--db", str(db), "--sae", SAE, "--features", "0-40"]) == 0
+    batches = _export_features(db, tmp_path / "np", "--features", "30-49")
+    labels = json.loads((tmp_path / "np" / "explanations.json").read_text())
+    exported = {f["feature_index"] for b in batches for f in b["features"]}
+    with Workspace(db, read_only=True) as ws:
+        stored = ws.query("""SELECT feature, label, scores->>'f1' FROM feature_explanations
+                             WHERE explainer = 'pattern' AND feature BETWEEN 30 AND 49 ORDER BY feature""")
+    expected = [(f, label, None if f1 is None else float(f1)) for f, label, f1 in stored if f in exported]
+    assert expected and [(int(r["index"]), r["description"], r["scoreV1"]) for r in labels] == expected
+    assert {(r["modelId"], r["layer"], r["typeName"], r["explanationModelName"]) for r in labels} == {
+        ("tiny-llama", f"1-{SAE}", "workbench-pattern", "pattern")}
+    assert json.loads((tmp_path / "np" / "run_settings.json").read_text())["n_explanations"] == len(labels)
+    _export_features(built, tmp_path / "bare", "--features", "30-49")  # a workspace without labels: an empty list
+    assert json.loads((tmp_path / "bare" / "explanations.json").read_text()) == []
+
+
 # -- bad input ---------------------------------------------------------------------------------------------------------------
 
 BAD = {

@@ -6,7 +6,6 @@ Every bad input is one line, exit status 2, with the workspace's tables and file
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
@@ -14,7 +13,6 @@ import pytest
 import torch
 
 from workbench.cli import main
-from workbench.errors import BAD_INPUT
 from workbench.workspace import Workspace
 
 HOOK = "blocks.1.hook_resid_post"
@@ -32,26 +30,9 @@ def built(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def ws(built, tmp_path, monkeypatch) -> Path:
+def ws(built, private_copy) -> Path:
     """A private copy of the cached workspace inside tmp_path/home; the test runs in tmp_path."""
-    home = tmp_path / "home"
-    home.mkdir()
-    shutil.copy(built, home / built.name)
-    monkeypatch.chdir(tmp_path)
-    return home / built.name
-
-
-def files_under(root: Path) -> set[str]:
-    return {str(p.relative_to(root)) for p in root.rglob("*")}
-
-
-def expect_one_line(argv: list[str], capsys) -> str:
-    """Bad input: exit status 2 and exactly one line on stderr."""
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == BAD_INPUT, err
-    assert err.startswith("workbench: error: ") and "\n" not in err and "Traceback" not in err, err
-    return err
+    return private_copy(built)
 
 
 def write_sae_lens_sae(folder: Path, *, hook: str, d_in: int = 64, d_sae: int = 96, arch: str = "jumprelu") -> None:
@@ -115,7 +96,7 @@ def sae_rows(db: Path) -> list[tuple]:
         return w.query("SELECT name, hook, status, path FROM saes ORDER BY sae_id")
 
 
-def test_a_pretrained_sae_registers_evaluates_and_is_found_by_its_spec(ws, hub, capsys):
+def test_a_pretrained_sae_registers_evaluates_and_is_found_by_its_spec(ws, hub, capsys, expect_one_line):
     assert main(["eval", "--db", str(ws), "--sae", SPEC, "--device", "cpu"]) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     name = f"{RELEASE}.{HOOK}.width_96"
@@ -175,7 +156,7 @@ def test_other_architectures_convert_to_the_same_function(arch, ws, hub, capsys)
     torch.testing.assert_close(ours.encode(x), theirs.encode(x), atol=1e-5, rtol=1e-4)
 
 
-def test_a_spec_not_registered_yet_says_how_to_register_it(ws, hub, capsys, table_digest):
+def test_a_spec_not_registered_yet_says_how_to_register_it(ws, hub, capsys, table_digest, expect_one_line):
     before = table_digest(ws)
     err = expect_one_line(["analyze", "--db", str(ws), "--sae", SPEC, "--no-logits"], capsys)
     assert f"run `workbench eval --db {ws} --sae {SPEC}` first" in err
@@ -209,7 +190,7 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_bad_pretrained_specs_are_one_line_and_change_nothing(case, ws, hub, tmp_path, capsys, table_digest):
+def test_bad_pretrained_specs_are_one_line_and_change_nothing(case, ws, hub, tmp_path, capsys, table_digest, expect_one_line, files_under):
     text, phrase = BAD[case]
     spec, *extra = text.split()
     if case == "weights-not-cached":  # the config is there, the weights are not: the conversion leaves nothing
@@ -222,7 +203,7 @@ def test_bad_pretrained_specs_are_one_line_and_change_nothing(case, ws, hub, tmp
 
 
 @pytest.mark.parametrize("offline", ["HF_HUB_OFFLINE", "closed port"])
-def test_an_unreachable_hub_fails_fast_with_one_line(offline, ws, tmp_path, capsys, monkeypatch, table_digest):
+def test_an_unreachable_hub_fails_fast_with_one_line(offline, ws, tmp_path, capsys, monkeypatch, table_digest, expect_one_line):
     """A real registry entry whose config must be downloaded; nothing in the (empty) cache."""
     from huggingface_hub import constants
 
@@ -249,7 +230,7 @@ def test_an_unreachable_hub_fails_fast_with_one_line(offline, ws, tmp_path, caps
     assert not list(ws.parent.glob(".workbench-saelens-*")) and not ws.with_suffix(".saes").exists()
 
 
-def test_eval_of_a_folder_still_needs_hook(ws, capsys):
+def test_eval_of_a_folder_still_needs_hook(ws, capsys, expect_one_line):
     err = expect_one_line(["eval", "--db", str(ws), "--sae", str(ws.parent)], capsys)
     assert "--hook is required unless --sae names a pretrained SAE" in err
 

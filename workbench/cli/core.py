@@ -11,10 +11,9 @@ import sys
 from pathlib import Path
 
 from workbench.cli.options import CliError, add_db, add_device, add_fields, add_model, config_from, integer
+from workbench.demo import DEMO, DEMO_SAE
 
 DEFAULT_DB = Path("workspaces/default.duckdb")
-DEMO = dict(model="smollm2-135m", hook="blocks.15.hook_resid_post", corpus="stdlib", tokens=65_536, ctx=128)
-DEMO_SAE = dict(name="demo-topk", arch="topk", width=2304, k=32, train_tokens=524_288)
 
 
 def cmd_hooks(args: argparse.Namespace) -> None:
@@ -230,61 +229,19 @@ def cmd_app(args: argparse.Namespace) -> None:
     serve_app(args.db, args.port, args.address)
 
 
-def _demo_cached(db: Path) -> bool:
-    """Whether the workspace already holds the demo's finished cache run (skips loading model and corpus)."""
-    from workbench.workspace import Workspace
-
-    if not db.exists():
-        return False
-    with Workspace(db) as ws:  # opened for writing: migrates an older schema
-        return bool(ws.query(
-            """SELECT count(*) FROM runs r JOIN run_hooks h USING (run_id)
-               WHERE r.kind = 'cache' AND r.status = 'done' AND r.model = ? AND h.hook = ? AND r.ctx_len = ?
-                 AND r.n_contexts_target * r.ctx_len >= ?""",
-            [DEMO["model"], DEMO["hook"], DEMO["ctx"], DEMO["tokens"]],
-        )[0][0])
-
-
 def cmd_demo(args: argparse.Namespace) -> None:
-    import saes
-    from workbench.training import train_sae
+    from workbench.demo import build_demo
     from workbench.workspace import Workspace
 
-    db: Path = args.db
-    db.parent.mkdir(parents=True, exist_ok=True)
-    print(f"default workspace {db}: {DEMO['model']}, corpus {DEMO['corpus']}, {DEMO['tokens']:,} tokens at "
+    print(f"default workspace {args.db}: {DEMO['model']}, corpus {DEMO['corpus']}, {DEMO['tokens']:,} tokens at "
           f"{DEMO['hook']}, a TopK SAE ({DEMO_SAE['width']} latents, k={DEMO_SAE['k']}) with a pattern label per feature; "
           "finished steps are reused",
           file=sys.stderr)
-    if not _demo_cached(db):
-        from workbench.caching import run_cache
-
-        run_cache(db=db, model=DEMO["model"], hooks=[DEMO["hook"]], corpus=DEMO["corpus"], tokens=DEMO["tokens"],
-                  ctx=DEMO["ctx"], device=args.device, model_dtype=args.model_dtype)
-    with Workspace(db) as ws:
-        trained = ws.query("SELECT count(*) FROM saes WHERE name = ? AND status = 'done'", [DEMO_SAE["name"]])[0][0]
-        if not trained:
-            model = model_for_run(ws, DEMO["hook"], None, args)
-            train_cfg = saes.TrainConfig(total_tokens=DEMO_SAE["train_tokens"], batch_size=4096, bf16_autocast=True,
-                                         checkpoint_every=20)
-            fields = dict(arch=DEMO_SAE["arch"], width=DEMO_SAE["width"], k=DEMO_SAE["k"])
-            train_sae(ws, DEMO["hook"], fields, train_cfg, name=DEMO_SAE["name"], model=model, device=args.device)
-        analysed = ws.query(
-            "SELECT count(*) FROM analyses a JOIN saes s USING (sae_id) WHERE s.name = ? AND a.status = 'done'", [DEMO_SAE["name"]]
-        )[0][0]
-        if not analysed:
-            from workbench.analysis import analyze
-
-            analyze(ws, DEMO_SAE["name"], model=model_for_run(ws, DEMO["hook"], None, args), device=args.device)
-        from workbench.explanations import PATTERN, explain
-        from workbench.workspace import resolve_sae
-
-        record = resolve_sae(ws, DEMO_SAE["name"])  # a pattern label for every feature (resumable; no model)
-        explain(ws, record, list(range(record.width)), explainer=PATTERN)
-    with Workspace(db, read_only=True) as ws:
+    build_demo(args.db, device=args.device, model_dtype=args.model_dtype)
+    with Workspace(args.db, read_only=True) as ws:
         print(workspace_summary(ws))
     if not args.no_serve:
-        serve_app(db, args.port)
+        serve_app(args.db, args.port)
 
 
 # -- flags ------------------------------------------------------------------------------------
