@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 DEMO = dict(model="smollm2-135m", hook="blocks.15.hook_resid_post", corpus="stdlib", tokens=65_536, ctx=128)
-DEMO_SAE = dict(name="demo-topk", arch="topk", width=2304, k=32, train_tokens=524_288)
+DEMO_SAE = dict(name="demo-topk", arch="topk", width=2304, k=32, train_tokens=524_288, batch_size=4096)
 STAGES = ("cache", "train", "analyze", "explain")
 
 
@@ -64,7 +64,7 @@ def build_demo(db: Path, *, corpus: str = DEMO["corpus"], device: str = "cpu", m
     with Workspace(db) as ws:
         started = time.perf_counter()
         if not ws.query("SELECT count(*) FROM saes WHERE name = ? AND status = 'done'", [DEMO_SAE["name"]])[0][0]:
-            train_cfg = saes.TrainConfig(total_tokens=DEMO_SAE["train_tokens"], batch_size=4096, bf16_autocast=True,
+            train_cfg = saes.TrainConfig(total_tokens=DEMO_SAE["train_tokens"], batch_size=DEMO_SAE["batch_size"], bf16_autocast=True,
                                          checkpoint_every=20)
             fields = dict(arch=DEMO_SAE["arch"], width=DEMO_SAE["width"], k=DEMO_SAE["k"])
             train_sae(ws, DEMO["hook"], fields, train_cfg, name=DEMO_SAE["name"], model=loaded(ws), device=device)

@@ -237,7 +237,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
           f"{DEMO['hook']}, a TopK SAE ({DEMO_SAE['width']} latents, k={DEMO_SAE['k']}) with a pattern label per feature; "
           "finished steps are reused",
           file=sys.stderr)
-    build_demo(args.db, device=args.device, model_dtype=args.model_dtype)
+    seconds = build_demo(args.db, device=args.device, model_dtype=args.model_dtype)
+    if any(seconds.values()):
+        print("built in " + ", ".join(f"{stage} {s:.0f} s" for stage, s in seconds.items() if s), file=sys.stderr)
     with Workspace(args.db, read_only=True) as ws:
         print(workspace_summary(ws))
     if not args.no_serve:
