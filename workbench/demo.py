@@ -32,8 +32,9 @@ def demo_cached(db: Path) -> bool:
         )[0][0])
 
 
-def build_demo(db: Path, *, corpus: str = DEMO["corpus"], device: str = "cpu", model_dtype: str | None = None) -> dict[str, float]:
-    """Build (or finish) the demo workspace at ``db``; seconds per stage, 0 for a stage already done.
+def build_demo(db: Path, *, corpus: str = DEMO["corpus"], device: str | None = None, model_dtype: str | None = None) -> dict[str, float]:
+    """Build (or finish) the demo workspace at ``db`` on ``device`` (None: CUDA when there is one); seconds per
+    stage, 0 for a stage already done.
 
     ``corpus`` only matters when the cache stage runs: a workspace that already holds the demo's
     cache run keeps it, whatever corpus that run read.

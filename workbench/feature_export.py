@@ -19,8 +19,8 @@ list.
 SAEDashboard's feature dict has no field for explanations, so labels go to their own file, one row
 per (feature, explainer) in the fields of Neuronpedia's explanation export: ``modelId``, ``layer``
 (Neuronpedia's source id, ``LAYER-SAE_SET``), ``index`` (a string), ``description`` (the label),
-``typeName`` (``workbench-EXPLAINER``), ``explanationModelName`` (the explainer: ``pattern``, or the
-model the label came from), ``scoreV1`` (the headline score: held-out F1 for ``pattern``, the mean of
+``typeName`` (``workbench-pattern|hf|openai``), ``explanationModelName`` (``pattern``, or the name of
+the model the label came from, never its endpoint or local path), ``scoreV1`` (the headline score: held-out F1 for ``pattern``, the mean of
 the detection and fuzzing scores for a judged LLM label; null when unscored), plus ``scores`` with every score stored.
 
 ``--format saedashboard`` names the same files: SAEDashboard's Neuronpedia runner output is the
@@ -154,9 +154,20 @@ def _explanations(ws: Workspace, sae: SAERecord, model: str, source: str, featur
     for feature, explainer, label, scores in rows:
         scores = json.loads(scores) if scores else {}
         out.append({"modelId": model, "layer": source, "index": str(feature), "description": label,
-                    "typeName": f"workbench-{explainer.split(':', 1)[0]}", "explanationModelName": explainer,
+                    "typeName": f"workbench-{explainer.split(':', 1)[0]}", "explanationModelName": _model_name(explainer),
                     "scoreV1": scores.get("headline"), "scores": scores})
     return out
+
+
+def _model_name(explainer: str) -> str:
+    """The name of the model behind a stored explainer, never its endpoint or path: ``pattern``; ``hf:REPO``
+    or ``hf:/a/folder`` → REPO or ``folder``; ``openai:URL#MODEL`` → MODEL (``openai`` without one)."""
+    kind, _, rest = explainer.partition(":")
+    if kind == "hf":
+        return Path(rest).name if "/" in rest and Path(rest).is_absolute() else rest
+    if kind == "openai":
+        return rest.rpartition("#")[2] if "#" in rest else "openai"
+    return explainer
 
 
 def _ranges(ids: list[int]) -> list[list[int]]:

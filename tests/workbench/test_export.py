@@ -291,6 +291,13 @@ def test_labels_are_exported_beside_the_batches(built, tmp_path):
     db = tmp_path / "labelled.duckdb"
     db.write_bytes(built.read_bytes())
     assert main(["explain", "--db", str(db), "--sae", SAE, "--features", "0-40"]) == 0
+    llm_rows = {"openai:http://user:token@10.0.0.5:8000/v1#qwen-7b": "qwen-7b", "openai:http://localhost:8080/v1": "openai",
+                "hf:HuggingFaceTB/SmolLM2-360M-Instruct": "HuggingFaceTB/SmolLM2-360M-Instruct", "hf:/home/me/models/my-judge": "my-judge"}
+    with Workspace(db) as ws:
+        live = ws.query("SELECT min(feature) FROM feature_stats WHERE n_fired > 0 AND feature BETWEEN 30 AND 49")[0][0]
+        for explainer in llm_rows:
+            ws.con.execute("INSERT INTO feature_explanations (sae_id, feature, explainer, label, scores) VALUES "
+                           "((SELECT sae_id FROM saes WHERE name = ?), ?, ?, 'numbers', '{\"headline\": 0.75}')", [SAE, live, explainer])
     batches = _export_features(db, tmp_path / "np", "--features", "30-49")
     labels = json.loads((tmp_path / "np" / "explanations.json").read_text())
     exported = {f["feature_index"] for b in batches for f in b["features"]}
@@ -298,9 +305,14 @@ def test_labels_are_exported_beside_the_batches(built, tmp_path):
         stored = ws.query("""SELECT feature, label, scores->>'f1' FROM feature_explanations
                              WHERE explainer = 'pattern' AND feature BETWEEN 30 AND 49 ORDER BY feature""")
     expected = [(f, label, None if f1 is None else float(f1)) for f, label, f1 in stored if f in exported]
-    assert expected and [(int(r["index"]), r["description"], r["scoreV1"]) for r in labels] == expected
-    assert {(r["modelId"], r["layer"], r["typeName"], r["explanationModelName"]) for r in labels} == {
-        ("tiny-llama", f"1-{SAE}", "workbench-pattern", "pattern")}
+    patterns = [r for r in labels if r["typeName"] == "workbench-pattern"]
+    assert expected and [(int(r["index"]), r["description"], r["scoreV1"]) for r in patterns] == expected
+    assert {(r["modelId"], r["layer"], r["explanationModelName"]) for r in patterns} == {("tiny-llama", f"1-{SAE}", "pattern")}
+    llm = [r for r in labels if r["typeName"] != "workbench-pattern"]  # the model's name, never its endpoint or path
+    assert sorted(r["explanationModelName"] for r in llm) == sorted(llm_rows.values())
+    assert {(r["index"], r["description"], r["scoreV1"]) for r in llm} == {(str(live), "numbers", 0.75)}
+    text = (tmp_path / "np" / "explanations.json").read_text()
+    assert "token@" not in text and "localhost" not in text and "/home/me" not in text
     assert json.loads((tmp_path / "np" / "run_settings.json").read_text())["n_explanations"] == len(labels)
     _export_features(built, tmp_path / "bare", "--features", "30-49")  # a workspace without labels: an empty list
     assert json.loads((tmp_path / "bare" / "explanations.json").read_text()) == []
