@@ -178,7 +178,8 @@ def explain_pattern(index: PatternIndex, firing: Firing) -> tuple[Rule, dict]:
         name, share = top_domains[0]
         base_share = float((base == name).mean())
         if share >= DOMAIN_SHARE and share >= DOMAIN_LIFT * base_share:
-            phrase += f", mostly in {name} text ({share:.0%})"
+            where_text = f"in {name} text" if name else "between documents"  # '' = tokens of no document (end-of-text)
+            phrase += f", mostly {where_text} ({share:.0%})"
     rule = Rule(rule.kind, rule.regex, rule.context_regex, phrase)
     detail = {
         "kind": rule.kind, "regex": rule.regex, "context_regex": rule.context_regex, "train": train,

@@ -97,6 +97,19 @@ def test_pattern_uses_the_preceding_token_when_that_is_the_rule():
     assert held_out_scores(index, rule, Firing(3, values))["f1"] == 1.0
 
 
+@pytest.mark.parametrize("domain, said", [("code", "mostly in code text"), ("", "mostly between documents")])
+def test_a_dominant_domain_is_named(domain, said):
+    """A feature firing on " cat", whose firings sit in one domain that holds a third of all tokens."""
+    corpus, firing = synthetic()
+    corpus.domains[: len(corpus.domains) // 3] = domain
+    rows = firing.values[: len(corpus.domains) // 3]
+    values = np.zeros_like(firing.values)
+    values[: len(rows)] = rows
+    rule, detail = explain_pattern(PatternIndex(corpus), Firing(7, values))
+    assert detail["domains"][0] == [domain, 1.0]
+    assert rule.phrase.endswith(f"{said} (100%)") and "  " not in rule.phrase, rule.phrase
+
+
 def test_a_dead_feature_gets_a_dead_label():
     corpus, firing = synthetic()
     rule, detail = explain_pattern(PatternIndex(corpus), Firing(1, np.zeros_like(firing.values)))
