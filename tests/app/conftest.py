@@ -24,6 +24,8 @@ PAGES = {
     "compare": "pages/2_Compare_SAEs.py",
     "prompt": "pages/3_Prompt_inspector.py",
     "steering": "pages/4_Steering.py",
+    "sparsity": "pages/5_Sparsity.py",
+    "experts": "pages/6_Experts.py",
 }
 
 

@@ -194,24 +194,15 @@ def test_home_sae_table_fits_with_more_columns_in_an_expander(app_workspace, ope
 
 
 # -- empty Sparsity and Experts pages name the workspace and the SAE ----------------------------------------
-def run_page(db, page, monkeypatch):
-    from streamlit.testing.v1 import AppTest
-
-    monkeypatch.setenv("WORKBENCH_DB", str(db))
-    at = AppTest.from_file(str(HOME), default_timeout=60)
-    at.switch_page(page)
-    return at.run()
-
-
-def test_empty_sparsity_and_experts_pages_name_the_workspace_and_sae(app_workspace, monkeypatch):
-    at = run_page(app_workspace, "pages/5_Sparsity.py", monkeypatch)
+def test_empty_sparsity_and_experts_pages_name_the_workspace_and_sae(app_workspace, open_page):
+    at = open_page(app_workspace, "sparsity")
     no_exception(at)
     (info,) = at.info
     assert f"workbench sparsity measure --db {app_workspace} --model tiny-llama" in info.value
     assert f"workbench sparsity series --db {app_workspace}" in info.value and "minutes" in info.value
     assert "WORKSPACE" not in info.value
 
-    at = run_page(app_workspace, "pages/6_Experts.py", monkeypatch)
+    at = open_page(app_workspace, "experts")
     no_exception(at)
     (info,) = at.info
     assert f"workbench moe run --db {app_workspace} --sae {SAE}" in info.value
