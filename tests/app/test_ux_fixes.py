@@ -194,20 +194,17 @@ def test_home_sae_table_fits_with_more_columns_in_an_expander(app_workspace, ope
 
 
 # -- empty Sparsity and Experts pages name the workspace and the SAE ----------------------------------------
-def test_empty_sparsity_and_experts_pages_name_the_workspace_and_sae(app_workspace, open_page):
-    at = open_page(app_workspace, "sparsity")
+@pytest.mark.parametrize("page, commands", [
+    ("sparsity", ["workbench sparsity measure --db {db} --model tiny-llama", "workbench sparsity series --db {db}"]),
+    ("experts", ["workbench moe run --db {db} --sae {sae}", "workbench probe --db {db} --sae {sae}"]),
+])
+def test_empty_sparsity_and_experts_pages_name_the_workspace_and_sae(page, commands, app_workspace, open_page):
+    at = open_page(app_workspace, page)
     no_exception(at)
     (info,) = at.info
-    assert f"workbench sparsity measure --db {app_workspace} --model tiny-llama" in info.value
-    assert f"workbench sparsity series --db {app_workspace}" in info.value and "minutes" in info.value
-    assert "WORKSPACE" not in info.value
-
-    at = open_page(app_workspace, "experts")
-    no_exception(at)
-    (info,) = at.info
-    assert f"workbench moe run --db {app_workspace} --sae {SAE}" in info.value
-    assert f"workbench probe --db {app_workspace} --sae {SAE}" in info.value and "minutes" in info.value
-    assert "WORKSPACE" not in info.value
+    for command in commands:
+        assert command.format(db=app_workspace, sae=SAE) in info.value
+    assert "minutes" in info.value and "WORKSPACE" not in info.value
 
 
 # -- the sidebar's + stops at the last feature ---------------------------------------------------------------
